@@ -1,0 +1,148 @@
+"""Run configuration: one dataclass, named presets, validation with one-line errors, YAML round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field and what is allowed."""
+
+
+@dataclass
+class GenerateConfig:
+    """Everything a `sds3d generate` run depends on; saved as config.yaml in the run folder."""
+
+    prompt: str = ""
+    seed: int = 0
+    preset: str = "cpu-fast"
+    teacher: str = "oracle"
+    steps: int = 600
+    # rendering during optimization
+    render_resolution: int = 48
+    num_samples: int = 48
+    batch_size: int = 2
+    background: float = 1.0
+    # cameras (degrees, scene units); views are the world's: the object faces +x, z is up
+    elevation_range: tuple[float, float] = (-10.0, 60.0)
+    azimuth_range: tuple[float, float] = (-180.0, 180.0)
+    distance_range: tuple[float, float] = (2.5, 3.0)
+    fovy_range: tuple[float, float] = (40.0, 50.0)
+    view_dependent_prompting: bool = True
+    # shading: albedo only until `lambertian_start`, then albedo with probability `albedo_prob`,
+    # otherwise lambertian (DreamFusion's random shading, which makes geometry carry the shading)
+    albedo_prob: float = 0.5
+    lambertian_start: float = 0.25
+    # field
+    n_levels: int = 12
+    log2_hashmap_size: int = 17
+    base_resolution: int = 16
+    max_resolution: int = 512
+    hidden_dim: int = 64
+    blob_density: float = 10.0
+    blob_radius: float = 0.5
+    occupancy_resolution: int = 32
+    occupancy_update_every: int = 8
+    # optimization
+    lr_encoding: float = 0.01
+    lr_network: float = 0.001
+    # score distillation
+    loss: str = "sds"
+    guidance_scale: float = 3.0
+    t_min: float = 0.02
+    t_max: float = 0.98
+    t_max_end: float | None = 0.5
+    lambda_orientation: float = 0.01
+    lambda_sparsity: float = 0.0
+    lambda_opacity_entropy: float = 0.0
+    # teacher (oracle) data
+    teacher_resolution: int = 64
+    oracle_views_per_bucket: int = 64
+    # outputs
+    preview_every: int = 100
+    checkpoint_every: int = 200
+    export_resolution: int = 128
+    export_formats: tuple[str, ...] = ("glb", "obj", "ply")
+    turntable_frames: int = 48
+    turntable_resolution: int = 128
+
+    def validate(self) -> "GenerateConfig":
+        def need(ok: bool, name: str, allowed: str):
+            if not ok:
+                raise ConfigError(f"bad value {name}={getattr(self, name)!r}: {allowed}")
+
+        need(isinstance(self.prompt, str) and self.prompt.strip() != "", "prompt", "give a non-empty prompt, e.g. \"a red cube\"")
+        need(self.steps >= 1, "steps", "must be a positive integer")
+        need(self.render_resolution >= 8, "render_resolution", "must be >= 8")
+        need(self.num_samples >= 4, "num_samples", "must be >= 4")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.loss in LOSSES, "loss", f"allowed are {', '.join(LOSSES)}")
+        need(self.guidance_scale >= 0, "guidance_scale", "must be >= 0")
+        need(0.0 <= self.t_min < self.t_max <= 1.0, "t_max", "need 0 <= t_min < t_max <= 1")
+        need(self.t_max_end is None or self.t_min <= self.t_max_end <= 1.0, "t_max_end", "need t_min <= t_max_end <= 1")
+        need(0.0 <= self.albedo_prob <= 1.0, "albedo_prob", "must be in [0, 1]")
+        need(0.0 <= self.lambertian_start <= 1.0, "lambertian_start", "must be in [0, 1] (a fraction of the steps)")
+        need(self.lr_encoding > 0 and self.lr_network > 0, "lr_encoding", "learning rates must be > 0")
+        need(all(f in EXPORT_FORMATS for f in self.export_formats), "export_formats", f"allowed are {', '.join(EXPORT_FORMATS)}")
+        need(self.preview_every >= 1 and self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        for name in ("elevation_range", "azimuth_range", "distance_range", "fovy_range"):
+            lo, hi = getattr(self, name)
+            need(lo <= hi, name, "need low <= high")
+        need(self.distance_range[0] > 1.8, "distance_range", "cameras must stay outside the scene box: distance > 1.8")
+        need(0 < self.fovy_range[0] and self.fovy_range[1] < 120, "fovy_range", "field of view in (0, 120) degrees")
+        return self
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GenerateConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}: see `sds3d generate --help` for the allowed ones")
+        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**fixed)
+
+    def save(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GenerateConfig":
+        try:
+            values = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"cannot read config {path}: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config {path} is not a mapping of field: value")
+        return cls.from_dict(values)
+
+
+LOSSES = ("sds",)
+EXPORT_FORMATS = ("glb", "obj", "ply")
+
+# Named presets: only the fields that differ from the defaults above.
+PRESETS: dict[str, dict] = {
+    "cpu-fast": {},
+    "cpu-quality": {"steps": 2000, "render_resolution": 64, "num_samples": 64, "n_levels": 16,
+                    "log2_hashmap_size": 19, "max_resolution": 2048, "export_resolution": 192},
+    "smoke": {"steps": 20, "render_resolution": 24, "num_samples": 24, "batch_size": 1, "preview_every": 10,
+              "checkpoint_every": 10, "export_resolution": 48, "turntable_frames": 4, "turntable_resolution": 32,
+              "oracle_views_per_bucket": 8, "teacher_resolution": 32},
+}
+
+
+def make_config(preset: str = "cpu-fast", **overrides) -> GenerateConfig:
+    """A validated config from a preset plus explicit overrides (None values are ignored)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: allowed are {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset], preset=preset)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return GenerateConfig.from_dict(values).validate()

@@ -1,0 +1,27 @@
+"""Timestep sampling for score distillation, with the annealing schedules threestudio uses."""
+
+from __future__ import annotations
+
+import torch
+
+
+def annealed_range(step: int, total_steps: int, t_min: float = 0.02, t_max: float = 0.98,
+                   t_max_end: float | None = None, anneal_start: float = 0.0) -> tuple[float, float]:
+    """The (t_min, t_max) fractions at `step`: t_max moves linearly to `t_max_end` after `anneal_start`.
+
+    With t_max_end=None there is no annealing (DreamFusion); ProlificDreamer anneals 0.98 -> 0.5.
+    """
+    if t_max_end is None or total_steps <= 0:
+        return t_min, t_max
+    progress = min(max((step / total_steps - anneal_start) / max(1e-8, 1 - anneal_start), 0.0), 1.0)
+    return t_min, t_max + (t_max_end - t_max) * progress
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, t_min: float, t_max: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Integer timesteps uniform in [t_min * T, t_max * T] (inclusive), one per image."""
+    if not 0.0 <= t_min <= t_max <= 1.0:
+        raise ValueError(f"timestep range must satisfy 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
+    lo = int(t_min * num_train_timesteps)
+    hi = max(lo, min(int(t_max * num_train_timesteps), num_train_timesteps - 1))
+    return torch.randint(lo, hi + 1, (batch,), generator=generator)

@@ -1,0 +1,84 @@
+"""Run folders and atomic file writes: nothing a user made is lost or half-written."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked; the message says what to do."""
+
+
+def slugify(text: str, max_length: int = 48) -> str:
+    """'A red cube!' -> 'a-red-cube'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_length].rstrip("-") or "run"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_save_torch(obj, path: str | Path) -> None:
+    """torch.save through a temporary file, so an interrupted save never leaves a broken checkpoint."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def prepare_run_folder(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create (or reuse, with `resume`) a run folder, refusing to clobber an existing one.
+
+    `overwrite` moves the old folder aside to `<name>.old-N` instead of deleting it.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"output path {path} exists and is not a folder: choose another --out")
+    if path.exists() and any(path.iterdir()):
+        if resume:
+            return path
+        if not overwrite:
+            raise RunFolderError(f"run folder {path} already exists: pass --resume to continue it, "
+                                 f"--overwrite to start again (the old folder is kept as {path.name}.old-N), or --out elsewhere")
+        n = 1
+        while path.with_name(f"{path.name}.old-{n}").exists():
+            n += 1
+        path.rename(path.with_name(f"{path.name}.old-{n}"))
+    elif resume:
+        raise RunFolderError(f"cannot resume: run folder {path} does not exist")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise RunFolderError(f"output folder {path} is not writable ({error.strerror}): choose another --out") from None
+    return path

@@ -1,0 +1,172 @@
+"""Cameras shared by the NeRF renderer and the synthetic world's renderer.
+
+Conventions (the same everywhere, so that a world render and a NeRF render from the same
+`Camera` line up pixel for pixel):
+
+- World frame: right-handed, **z up**. Objects face **+x**: a camera at azimuth 0 sees an
+  object's front.
+- A camera at (elevation, azimuth, distance) in degrees sits at
+  ``distance * (cos(el) cos(az), cos(el) sin(az), sin(el))`` and looks at the origin.
+- Camera-to-world matrices follow OpenGL: camera x right, y up, looking along -z.
+- Pixel (i, j) of an H x W image is row i (top to bottom), column j (left to right); rays go
+  through pixel centres.
+- View suffixes follow DreamFusion / threestudio: "overhead" above 60 degrees elevation, else
+  "front" within 45 degrees of azimuth 0, "back" within 45 degrees of azimuth 180, "side" between.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+VIEW_NAMES = ("front", "side", "back", "overhead")
+OVERHEAD_ELEVATION_DEG = 60.0
+FRONT_HALF_ANGLE_DEG = 45.0
+
+
+@dataclass
+class Camera:
+    """A batch of pinhole cameras: c2w (B, 4, 4), fovy (B,) in radians, one image size."""
+
+    c2w: torch.Tensor
+    fovy: torch.Tensor
+    height: int
+    width: int
+    elevation_deg: torch.Tensor | None = None
+    azimuth_deg: torch.Tensor | None = None
+    distance: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.c2w.shape[0]
+
+    def with_size(self, height: int, width: int | None = None) -> "Camera":
+        """The same cameras at another image size (same field of view)."""
+        return Camera(self.c2w, self.fovy, height, width or height, self.elevation_deg, self.azimuth_deg, self.distance)
+
+    def __getitem__(self, index) -> "Camera":
+        pick = lambda v: None if v is None else v[index : index + 1] if isinstance(index, int) else v[index]
+        return Camera(pick(self.c2w), pick(self.fovy), self.height, self.width,
+                      pick(self.elevation_deg), pick(self.azimuth_deg), pick(self.distance))
+
+
+def look_at(eye: torch.Tensor, target: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
+    """OpenGL camera-to-world matrices (B, 4, 4) for cameras at `eye` (B, 3) looking at `target`."""
+    eye = eye.float()
+    target = torch.zeros_like(eye) if target is None else target.expand_as(eye).float()
+    up = torch.tensor([0.0, 0.0, 1.0]).expand_as(eye) if up is None else up.expand_as(eye).float()
+    forward = torch.nn.functional.normalize(target - eye, dim=-1)
+    right = torch.cross(forward, up, dim=-1)
+    # Straight above or below: any right vector perpendicular to forward will do.
+    degenerate = right.norm(dim=-1) < 1e-6
+    if degenerate.any():
+        right[degenerate] = torch.tensor([0.0, 1.0, 0.0])
+    right = torch.nn.functional.normalize(right, dim=-1)
+    true_up = torch.cross(right, forward, dim=-1)
+    c2w = torch.zeros(eye.shape[0], 4, 4)
+    c2w[:, :3, 0] = right
+    c2w[:, :3, 1] = true_up
+    c2w[:, :3, 2] = -forward
+    c2w[:, :3, 3] = eye
+    c2w[:, 3, 3] = 1.0
+    return c2w
+
+
+def spherical_cameras(elevation_deg, azimuth_deg, distance, fovy_deg, height: int, width: int | None = None) -> Camera:
+    """Cameras on spheres around the origin, looking at it; arguments broadcast to one batch."""
+    el, az, dist, fovy = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float32).reshape(-1)
+                                                   for v in (elevation_deg, azimuth_deg, distance, fovy_deg)))
+    el_r, az_r = torch.deg2rad(el), torch.deg2rad(az)
+    eye = torch.stack([torch.cos(el_r) * torch.cos(az_r), torch.cos(el_r) * torch.sin(az_r), torch.sin(el_r)], -1)
+    eye = eye * dist[:, None]
+    return Camera(look_at(eye), torch.deg2rad(fovy), height, width or height, el, az, dist)
+
+
+def sample_cameras(batch: int, height: int, elevation_range=(-10.0, 60.0), azimuth_range=(-180.0, 180.0),
+                   distance_range=(2.5, 3.0), fovy_range=(40.0, 50.0), generator: torch.Generator | None = None,
+                   width: int | None = None) -> Camera:
+    """Random cameras, uniform in each range (elevation uniform in degrees, as threestudio does)."""
+    def uniform(lo_hi):
+        lo, hi = lo_hi
+        return lo + (hi - lo) * torch.rand(batch, generator=generator)
+
+    return spherical_cameras(uniform(elevation_range), uniform(azimuth_range), uniform(distance_range),
+                             uniform(fovy_range), height, width)
+
+
+def orbit_cameras(n_views: int, height: int, elevation_deg: float = 15.0, distance: float = 2.75,
+                  fovy_deg: float = 45.0, start_azimuth_deg: float = 0.0) -> Camera:
+    """`n_views` cameras evenly spaced in azimuth: used for evaluation views and turntables."""
+    azimuth = start_azimuth_deg + torch.arange(n_views, dtype=torch.float32) * (360.0 / n_views)
+    return spherical_cameras(elevation_deg, azimuth, distance, fovy_deg, height, height)
+
+
+def wrap_azimuth(azimuth_deg: torch.Tensor) -> torch.Tensor:
+    """Azimuth in (-180, 180]."""
+    return -((-torch.as_tensor(azimuth_deg, dtype=torch.float32) + 180.0) % 360.0 - 180.0)
+
+
+def view_name(elevation_deg: float, azimuth_deg: float) -> str:
+    """DreamFusion view bucket of one camera: 'front', 'side', 'back' or 'overhead'."""
+    if float(elevation_deg) > OVERHEAD_ELEVATION_DEG:
+        return "overhead"
+    az = abs(float(wrap_azimuth(torch.tensor(azimuth_deg))))
+    if az <= FRONT_HALF_ANGLE_DEG:
+        return "front"
+    if az >= 180.0 - FRONT_HALF_ANGLE_DEG:
+        return "back"
+    return "side"
+
+
+def view_names(camera: Camera) -> list[str]:
+    return [view_name(e, a) for e, a in zip(camera.elevation_deg.tolist(), camera.azimuth_deg.tolist())]
+
+
+def camera_rays(camera: Camera) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ray origins and unit directions, each (B, H, W, 3), through pixel centres."""
+    h, w = camera.height, camera.width
+    focal = 0.5 * h / torch.tan(0.5 * camera.fovy)  # (B,) in pixels
+    j = torch.arange(w, dtype=torch.float32) + 0.5
+    i = torch.arange(h, dtype=torch.float32) + 0.5
+    ii, jj = torch.meshgrid(i, j, indexing="ij")
+    x = (jj - 0.5 * w)[None] / focal[:, None, None]
+    y = -(ii - 0.5 * h)[None] / focal[:, None, None]
+    dirs_cam = torch.stack([x, y, -torch.ones_like(x)], -1)  # (B, H, W, 3)
+    dirs = torch.einsum("bij,bhwj->bhwi", camera.c2w[:, :3, :3], dirs_cam)
+    dirs = torch.nn.functional.normalize(dirs, dim=-1)
+    origins = camera.c2w[:, None, None, :3, 3].expand_as(dirs)
+    return origins, dirs
+
+
+def ray_box_intersect(origins: torch.Tensor, dirs: torch.Tensor, radius: float = 1.0):
+    """Entry and exit distances of rays through the axis-aligned box [-radius, radius]^3.
+
+    Returns (t_near, t_far, hit); t_near is clamped at 0 and hit is False where the ray misses.
+    """
+    inv = 1.0 / torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)
+    t0 = (-radius - origins) * inv
+    t1 = (radius - origins) * inv
+    t_near = torch.minimum(t0, t1).amax(-1).clamp_min(0.0)
+    t_far = torch.maximum(t0, t1).amin(-1)
+    return t_near, t_far, t_far > t_near
+
+
+def light_direction(camera: Camera, elevation_offset_deg: float = 30.0, azimuth_offset_deg: float = 30.0) -> torch.Tensor:
+    """A light above and to the side of each camera (B, 3), unit, pointing from the scene to the light.
+
+    The world renders its training images under this light; the NeRF shades with the same rule,
+    so that 'lambertian' renders and the teacher's data agree.
+    """
+    el = camera.elevation_deg + elevation_offset_deg
+    az = camera.azimuth_deg + azimuth_offset_deg
+    el_r, az_r = torch.deg2rad(el.clamp(-89.0, 89.0)), torch.deg2rad(az)
+    return torch.stack([torch.cos(el_r) * torch.cos(az_r), torch.cos(el_r) * torch.sin(az_r), torch.sin(el_r)], -1)
+
+
+def shade_lambertian(albedo: torch.Tensor, normals: torch.Tensor, light: torch.Tensor, ambient: float = 0.5) -> torch.Tensor:
+    """albedo * (ambient + (1 - ambient) * max(0, n . l)); channels last, batch first, light (B, 3)."""
+    light = light.reshape(light.shape[0], *([1] * (normals.dim() - 2)), 3)
+    cos = (normals * light).sum(-1, keepdim=True).clamp_min(0.0)
+    return albedo * (ambient + (1.0 - ambient) * cos)

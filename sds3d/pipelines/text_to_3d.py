@@ -1,0 +1,258 @@
+"""Text -> NeRF by score distillation -> mesh + turntable: the loop behind `sds3d generate`.
+
+A run lives in its own folder:
+
+    outputs/<slug>-<seed>/
+      config.yaml            written first; `--resume` reads it back
+      previews/step-NNNNN.png
+      checkpoints/last.pt    field + optimizer + occupancy + RNG state, written atomically
+      mesh.glb mesh.obj mesh.ply turntable.mp4
+      metrics.json           against the world's ground truth when the prompt names a world scene
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import GenerateConfig
+from ..distill.schedules import annealed_range
+from ..distill.score import sds_loss
+from ..io import atomic_save_torch, atomic_write_text, prepare_run_folder, slugify
+from ..nerf.cameras import VIEW_NAMES, orbit_cameras, sample_cameras, view_names
+from ..nerf.field import NeRFField
+from ..nerf.render import OccupancyGrid, opacity_sparsity_loss, render_image
+
+
+@dataclass
+class ProgressEvent:
+    """What the CLI's progress bar and the web app hear every few steps."""
+
+    step: int
+    total_steps: int
+    loss: float
+    elapsed_s: float
+    preview_path: Path | None = None
+    preview: torch.Tensor | None = None  # (3, H, W) in [0, 1]
+    message: str = ""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    seconds: float
+    files: dict[str, Path] = field(default_factory=dict)
+    metrics: dict | None = None
+
+
+WORLD_TEACHERS = ("oracle",)  # teachers that know only the prompts of the embedded world
+
+
+def default_run_dir(config: GenerateConfig, root: str | Path = "outputs") -> Path:
+    return Path(root) / f"{slugify(config.prompt)}-{config.seed}"
+
+
+def make_teacher(config: GenerateConfig):
+    """The teacher a config names. 'oracle' is the exact denoiser of world renders."""
+    if config.teacher == "oracle":
+        from ..teachers.oracle import OracleTeacher
+
+        return OracleTeacher(resolution=config.teacher_resolution, views_per_bucket=config.oracle_views_per_bucket,
+                             seed=0, elevation_range=config.elevation_range, distance_range=config.distance_range,
+                             fovy_range=config.fovy_range)
+    from ..config import ConfigError
+
+    raise ConfigError(f"unknown teacher {config.teacher!r}: allowed are 'oracle'")
+
+
+def make_field(config: GenerateConfig) -> NeRFField:
+    return NeRFField(n_levels=config.n_levels, log2_hashmap_size=config.log2_hashmap_size,
+                     base_resolution=config.base_resolution, max_resolution=config.max_resolution,
+                     hidden_dim=config.hidden_dim, blob_density=config.blob_density, blob_radius=config.blob_radius)
+
+
+def make_optimizer(config: GenerateConfig, nerf: NeRFField) -> torch.optim.Optimizer:
+    """Adam with a high rate on the hash table and a low one on the MLP (threestudio's split)."""
+    encoding = list(nerf.encoding.parameters())
+    encoding_ids = {id(p) for p in encoding}
+    network = [p for p in nerf.parameters() if id(p) not in encoding_ids]
+    return torch.optim.Adam([{"params": encoding, "lr": config.lr_encoding},
+                             {"params": network, "lr": config.lr_network}], betas=(0.9, 0.99), eps=1e-15)
+
+
+def shading_for_step(config: GenerateConfig, step: int, generator: torch.Generator) -> str:
+    """DreamFusion's random shading: albedo early on, later albedo or Lambertian at random."""
+    draw = torch.rand((), generator=generator).item()  # drawn every step so resumed runs stay in sync
+    if step < config.lambertian_start * config.steps or draw < config.albedo_prob:
+        return "albedo"
+    return "lambertian"
+
+
+def view_prompts(config: GenerateConfig, views: list[str]) -> list[str]:
+    if not config.view_dependent_prompting:
+        return [config.prompt] * len(views)
+    from ..world.captions import with_view
+
+    return [with_view(config.prompt, view) for view in views]
+
+
+class TextTo3D:
+    """One optimization run; `run()` trains, exports and scores, resuming from `checkpoints/last.pt`."""
+
+    def __init__(self, config: GenerateConfig, run_dir: str | Path, teacher=None,
+                 callback: Callable[[ProgressEvent], None] | None = None):
+        self.config = config.validate()
+        self.run_dir = Path(run_dir)
+        self.teacher = teacher
+        self.callback = callback
+        self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
+
+    # -- state --------------------------------------------------------------------------------
+    def _init_state(self):
+        torch.manual_seed(self.config.seed)
+        self.field = make_field(self.config)
+        self.optimizer = make_optimizer(self.config, self.field)
+        self.occupancy = OccupancyGrid(resolution=self.config.occupancy_resolution)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.step = 0
+
+    def _save_checkpoint(self):
+        atomic_save_torch({"step": self.step, "field": self.field.state_dict(),
+                           "optimizer": self.optimizer.state_dict(), "occupancy": self.occupancy.state_dict(),
+                           "generator": self.generator.get_state(), "config": self.config.to_dict()},
+                          self.checkpoint_path)
+
+    def _load_checkpoint(self):
+        state = torch.load(self.checkpoint_path, weights_only=False)
+        self.field.load_state_dict(state["field"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.occupancy.load_state_dict(state["occupancy"])
+        self.generator.set_state(state["generator"])
+        self.step = state["step"]
+
+    def _emit(self, event: ProgressEvent):
+        if self.callback is not None:
+            self.callback(event)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def preview(self, resolution: int = 64) -> torch.Tensor:
+        """Four views around the object, side by side: (3, H, 4W)."""
+        with torch.no_grad():
+            out = render_image(self.field, orbit_cameras(4, resolution), occupancy=self.occupancy,
+                               num_samples=self.config.num_samples, shading="albedo", background=self.config.background)
+        return torch.cat(list(out["rgb"].clamp(0, 1)), dim=-1)
+
+    def train(self, resume: bool = False, show_progress: bool = True) -> None:
+        from tqdm import tqdm
+
+        from ..export.video import save_image
+
+        cfg = self.config
+        self._init_state()
+        if self.teacher is None:
+            self.teacher = make_teacher(cfg)
+        if resume and self.checkpoint_path.exists():
+            self._load_checkpoint()
+        prompts_by_view = dict(zip(VIEW_NAMES, view_prompts(cfg, list(VIEW_NAMES))))
+        self.teacher.encode_prompt(list(prompts_by_view.values()))  # builds the teacher's data once, up front
+        if self.step == 0:
+            self.occupancy.update(self.field, step=0, generator=self.generator)
+
+        start = time.time()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not show_progress, desc=cfg.prompt[:30], unit="step")
+        while self.step < cfg.steps:
+            cameras = sample_cameras(cfg.batch_size, cfg.render_resolution, cfg.elevation_range, cfg.azimuth_range,
+                                     cfg.distance_range, cfg.fovy_range, generator=self.generator)
+            shading = shading_for_step(cfg, self.step, self.generator)
+            need_normals = shading != "albedo" or cfg.lambda_orientation > 0
+            out = render_image(self.field, cameras, occupancy=self.occupancy, num_samples=cfg.num_samples,
+                               shading=shading, background=cfg.background, generator=self.generator,
+                               need_normals=need_normals)
+            cond = self.teacher.encode_prompt([prompts_by_view[v] for v in view_names(cameras)])
+            t_min, t_max = annealed_range(self.step, cfg.steps, cfg.t_min, cfg.t_max, cfg.t_max_end)
+            score = sds_loss(self.teacher, out["rgb"], cond, cfg.guidance_scale, t_min, t_max, self.generator)
+            loss = score.loss
+            if cfg.lambda_orientation > 0:
+                loss = loss + cfg.lambda_orientation * out["orientation_loss"].mean()
+            if cfg.lambda_sparsity > 0:
+                loss = loss + cfg.lambda_sparsity * opacity_sparsity_loss(out["opacity"])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            if self.step % cfg.occupancy_update_every == 0:
+                self.occupancy.update(self.field, step=self.step, generator=self.generator)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3g}")
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self._save_checkpoint()
+            if self.step % cfg.preview_every == 0 or self.step == cfg.steps:
+                image = self.preview()
+                path = self.run_dir / "previews" / f"step-{self.step:05d}.png"
+                save_image(path, image)
+                self._emit(ProgressEvent(self.step, cfg.steps, loss.item(), time.time() - start, path, image))
+        bar.close()
+
+    def export(self) -> dict[str, Path]:
+        """Mesh files and the turntable video of the trained field."""
+        from ..export import export_mesh, extract_mesh, write_turntable
+
+        cfg = self.config
+        with torch.no_grad():
+            mesh = extract_mesh(self.field.density, self.field.albedo, resolution=cfg.export_resolution)
+        files = export_mesh(mesh, self.run_dir, stem="mesh", formats=cfg.export_formats)
+
+        def render_fn(camera):
+            with torch.no_grad():
+                return render_image(self.field, camera, occupancy=self.occupancy, num_samples=cfg.num_samples,
+                                    shading="albedo", background=cfg.background)
+
+        files["turntable"] = write_turntable(render_fn, self.run_dir / "turntable.mp4", n_frames=cfg.turntable_frames,
+                                             resolution=cfg.turntable_resolution)
+        return {k: Path(v) for k, v in files.items()}
+
+    def evaluate(self) -> dict | None:
+        """Scores against the world's ground truth, or None when the prompt is not a world scene."""
+        from ..eval.ground_truth import evaluate_run
+        from ..world.prompts import resolve_prompt
+
+        try:
+            scene = resolve_prompt(self.config.prompt)
+        except ValueError:
+            return None
+        metrics = evaluate_run(self.field, self.occupancy, scene, self.run_dir / "mesh.ply", num_samples=self.config.num_samples,
+                               background=self.config.background)
+        atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        return metrics
+
+    def run(self, resume: bool = False, show_progress: bool = True, evaluate: bool = True) -> RunResult:
+        start = time.time()
+        self.train(resume=resume, show_progress=show_progress)
+        train_seconds = time.time() - start
+        files = self.export()
+        metrics = self.evaluate() if evaluate else None
+        if metrics is not None:
+            metrics["train_seconds"] = round(train_seconds, 1)
+            atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        return RunResult(self.run_dir, self.step, time.time() - start, files, metrics)
+
+
+def generate(config: GenerateConfig, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,
+             teacher=None, callback=None, show_progress: bool = True) -> RunResult:
+    """Prepare the run folder (never clobbering a user's run), save the config, optimize, export, score."""
+    config.validate()
+    if config.teacher in WORLD_TEACHERS:  # fail on an unknown prompt before any folder is made
+        from ..world.prompts import resolve_prompt
+
+        resolve_prompt(config.prompt)
+    run_dir = Path(out) if out else default_run_dir(config)
+    run_dir = prepare_run_folder(run_dir, overwrite=overwrite, resume=resume)
+    config.save(run_dir / "config.yaml")
+    return TextTo3D(config, run_dir, teacher=teacher, callback=callback).run(resume=resume, show_progress=show_progress)

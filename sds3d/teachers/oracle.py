@@ -1,0 +1,208 @@
+"""The oracle teacher: the exact denoiser of a finite set of world renders.
+
+For data {y_i} and x_t = sqrt(abar) y + sqrt(1 - abar) eps, the ideal denoiser is the posterior mean
+
+    E[y | x_t] = sum_i softmax_i(-|x_t - sqrt(abar) y_i|^2 / (2 (1 - abar))) y_i,
+
+so this teacher is a perfect diffusion model of its data, with no training. The conditional data
+of "a red cube, front view" are renders of the red cube from cameras in the front bucket; the
+unconditional data are all the renders the teacher holds (every bank it has built plus a fixed
+random sample of other scenes), so classifier-free guidance works as usual. It is the default
+teacher until the neural embedded teacher ships, and the reference in tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..nerf.cameras import OVERHEAD_ELEVATION_DEG, FRONT_HALF_ANGLE_DEG, Camera, spherical_cameras
+from .base import Cond, NoiseSchedule, cfg_combine
+
+ORACLE_VERSION = 1  # bump when world rendering changes, to invalidate disk caches
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("SDS3D_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sds3d")
+    return Path(root)
+
+
+def bucket_cameras(view: str, count: int, resolution: int, elevation_range, distance_range, fovy_range,
+                   generator: torch.Generator) -> Camera:
+    """Random cameras whose view bucket is `view`, inside the given camera ranges."""
+    lo_el, hi_el = elevation_range
+    u = lambda: torch.rand(count, generator=generator)
+    if view == "overhead":
+        el = max(lo_el, OVERHEAD_ELEVATION_DEG) + (max(hi_el, OVERHEAD_ELEVATION_DEG + 20.0) - max(lo_el, OVERHEAD_ELEVATION_DEG)) * u()
+        az = -180.0 + 360.0 * u()
+    else:
+        hi = min(hi_el, OVERHEAD_ELEVATION_DEG)
+        el = lo_el + (hi - lo_el) * u()
+        if view == "front":
+            az = -FRONT_HALF_ANGLE_DEG + 2 * FRONT_HALF_ANGLE_DEG * u()
+        elif view == "back":
+            az = 180.0 - FRONT_HALF_ANGLE_DEG + 2 * FRONT_HALF_ANGLE_DEG * u()
+        elif view == "side":
+            sign = torch.where(u() < 0.5, -1.0, 1.0)
+            az = sign * (FRONT_HALF_ANGLE_DEG + (180.0 - 2 * FRONT_HALF_ANGLE_DEG) * u())
+        else:
+            raise ValueError(f"unknown view {view!r}: allowed are 'front', 'side', 'back', 'overhead'")
+    dist = distance_range[0] + (distance_range[1] - distance_range[0]) * u()
+    fovy = fovy_range[0] + (fovy_range[1] - fovy_range[0]) * u()
+    return spherical_cameras(el, az, dist, fovy, resolution)
+
+
+class OracleTeacher:
+    """Exact posterior-mean denoiser over banks of world renders (pixel space, [-1, 1])."""
+
+    prediction_type = "epsilon"
+    channels = 3
+    dtype = torch.float32
+    device = torch.device("cpu")
+    network = None
+
+    def __init__(self, resolution: int = 64, views_per_bucket: int = 64, n_uncond: int = 256, seed: int = 0,
+                 elevation_range=(-10.0, 60.0), distance_range=(2.5, 3.0), fovy_range=(40.0, 50.0),
+                 supersample: int = 2, cache_dir: str | Path | None = None, use_disk_cache: bool = True):
+        self.resolution = resolution
+        self.views_per_bucket = views_per_bucket
+        self.n_uncond = n_uncond
+        self.seed = seed
+        self.elevation_range = tuple(elevation_range)
+        self.distance_range = tuple(distance_range)
+        self.fovy_range = tuple(fovy_range)
+        self.supersample = supersample
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "oracle"
+        self.use_disk_cache = use_disk_cache
+        self.schedule = NoiseSchedule.linear()
+        self._banks: dict[tuple[str, str], torch.Tensor] = {}
+        self._random_bank: torch.Tensor | None = None
+
+    # -- data ---------------------------------------------------------------------------------
+    def _cache_key(self, *parts) -> str:
+        text = repr((ORACLE_VERSION, self.resolution, self.supersample, self.seed, self.elevation_range,
+                     self.distance_range, self.fovy_range) + parts)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    def _cached(self, key: str, make) -> torch.Tensor:
+        path = self.cache_dir / f"{key}.pt"
+        if self.use_disk_cache and path.exists():
+            try:
+                return torch.load(path, weights_only=True)
+            except Exception:
+                pass  # a damaged cache file is rebuilt below
+        images = make()
+        if self.use_disk_cache:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(images, tmp)
+            os.replace(tmp, path)
+        return images
+
+    def _render(self, scene, camera: Camera) -> torch.Tensor:
+        from ..world.render import render_scene
+
+        hi = camera.with_size(self.resolution * self.supersample)
+        rgb = render_scene(scene, hi)["rgb"]
+        if self.supersample > 1:
+            rgb = F.avg_pool2d(rgb, self.supersample)
+        return rgb.clamp(0, 1) * 2 - 1
+
+    def bank(self, scene, view: str) -> torch.Tensor:
+        """Renders (K, 3, R, R) in [-1, 1] of `scene` from cameras in the `view` bucket."""
+        key = (scene.caption, view)
+        if key not in self._banks:
+            seed_text = f"{self.seed}/{scene.caption}/{view}"
+            gen = torch.Generator().manual_seed(int(hashlib.sha1(seed_text.encode()).hexdigest()[:8], 16))
+
+            def make():
+                cams = bucket_cameras(view, self.views_per_bucket, self.resolution, self.elevation_range,
+                                      self.distance_range, self.fovy_range, gen)
+                return self._render(scene, cams)
+
+            self._banks[key] = self._cached(self._cache_key("bank", *key, self.views_per_bucket), make)
+        return self._banks[key]
+
+    def random_bank(self) -> torch.Tensor:
+        """A fixed random sample of renders of all world scenes, part of the unconditional data."""
+        if self._random_bank is None:
+            from ..world.scenes import all_scenes
+
+            def make():
+                gen = torch.Generator().manual_seed(self.seed + 12345)
+                scenes = all_scenes()
+                picks = torch.randint(len(scenes), (self.n_uncond,), generator=gen).tolist()
+                views = torch.randint(4, (self.n_uncond,), generator=gen).tolist()
+                images = []
+                for scene_index, view_index in zip(picks, views):
+                    view = ("front", "side", "back", "overhead")[view_index]
+                    cams = bucket_cameras(view, 1, self.resolution, self.elevation_range, self.distance_range,
+                                          self.fovy_range, gen)
+                    images.append(self._render(scenes[scene_index], cams))
+                return torch.cat(images) if images else torch.zeros(0, 3, self.resolution, self.resolution)
+
+            self._random_bank = self._cached(self._cache_key("random", self.n_uncond), make)
+        return self._random_bank
+
+    def unconditional_data(self) -> torch.Tensor:
+        return torch.cat([self.random_bank(), *self._banks.values()])
+
+    # -- the Teacher protocol -----------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str], negative: list[str] | None = None) -> Cond:
+        """Each prompt (with an optional view suffix) -> its (scene, view) bank key.
+
+        Negative prompts are not supported by an oracle: its unconditional data are fixed.
+        """
+        from ..world.captions import split_view
+        from ..world.prompts import resolve_prompt
+
+        keys = []
+        for prompt in prompts:
+            base, view = split_view(prompt)
+            scene = resolve_prompt(base)
+            self.bank(scene, view or "front")
+            keys.append((scene.caption, view or "front"))
+        return Cond(prompts=list(prompts), cond=keys, uncond=None)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
+            images = F.interpolate(images, (self.resolution, self.resolution), mode="bilinear", align_corners=False,
+                                   antialias=True)
+        return images * 2 - 1
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x + 1) / 2).clamp(0, 1)
+
+    @staticmethod
+    def posterior_mean(x_t: torch.Tensor, abar: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+        """E[y | x_t] over the finite set `data` (K, C, H, W), for a batch x_t (B, C, H, W), abar (B,)."""
+        x = x_t.flatten(1).double()
+        y = data.flatten(1).double()
+        a = abar.double().reshape(-1, 1)
+        sq = (x * x).sum(1, keepdim=True) - 2 * a.sqrt() * (x @ y.T) + a * (y * y).sum(1)[None]
+        weights = torch.softmax(-sq / (2 * (1 - a)), dim=1)
+        return (weights @ y).to(x_t.dtype).reshape(x_t.shape)
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional and unconditional posterior means."""
+        abar = self.schedule.abar(t)
+        x0_cond = torch.empty_like(x_t)
+        for key in set(cond.cond):
+            rows = [i for i, k in enumerate(cond.cond) if k == key]
+            x0_cond[rows] = self.posterior_mean(x_t[rows], abar[rows], self._banks[key])
+        x0_uncond = self.posterior_mean(x_t, abar, self.unconditional_data())
+        return x0_cond, x0_uncond
+
+    @torch.no_grad()
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance_scale: float = 1.0) -> torch.Tensor:
+        t = t.reshape(-1).expand(x_t.shape[0])
+        x0_cond, x0_uncond = self.predict_x0(x_t, t, cond)
+        eps_cond = self.schedule.x0_to_eps(x_t, x0_cond, t)
+        if guidance_scale == 1.0:
+            return eps_cond
+        eps_uncond = self.schedule.x0_to_eps(x_t, x0_uncond, t)
+        return cfg_combine(eps_uncond, eps_cond, guidance_scale)
