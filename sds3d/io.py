@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -18,40 +19,40 @@ def slugify(text: str, max_length: int = 48) -> str:
     return slug[:max_length].rstrip("-") or "run"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over `path`."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to `path`; on success move it onto `path`, on error delete it.
+
+    The temporary file sits in the same folder (so `os.replace` is an atomic rename, not a copy)
+    and keeps the final suffix (so writers that pick a format from the name, like ffmpeg, still do).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the result the usual permissions
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
-def atomic_save_torch(obj, path: str | Path) -> None:
+def atomic_save_torch(obj, path: str | os.PathLike) -> None:
     """torch.save through a temporary file, so an interrupted save never leaves a broken checkpoint."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def prepare_run_folder(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:

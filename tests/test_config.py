@@ -1,0 +1,32 @@
+import pytest
+
+from sds3d.config import ConfigError, GenerateConfig, make_config
+from sds3d.io import RunFolderError, prepare_run_folder
+
+
+def test_yaml_round_trip(tmp_path):
+    config = make_config("cpu-fast", prompt="a red cube", seed=3, elevation_range=(0.0, 30.0))
+    config.save(tmp_path / "config.yaml")
+    loaded = GenerateConfig.load(tmp_path / "config.yaml")
+    assert loaded == config and loaded.elevation_range == (0.0, 30.0)
+
+
+def test_unknown_field_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config field"):
+        GenerateConfig.from_dict({"prompt": "a", "warp_speed": 9})
+    (tmp_path / "bad.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="not a mapping"):
+        GenerateConfig.load(tmp_path / "bad.yaml")
+
+
+def test_overwrite_moves_the_old_run_aside(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "mesh.glb").write_text("old")
+    with pytest.raises(RunFolderError):
+        prepare_run_folder(run)
+    prepare_run_folder(run, overwrite=True)
+    assert (tmp_path / "run.old-1" / "mesh.glb").read_text() == "old"
+    assert run.exists() and not any(run.iterdir())
+    with pytest.raises(RunFolderError, match="does not exist"):
+        prepare_run_folder(tmp_path / "never-made", resume=True)
