@@ -1,0 +1,242 @@
+"""Multiresolution hash grid encoding (Instant-NGP), in plain torch, with a closed-form Jacobian.
+
+Conventions follow nerfstudio's ``HashEncoding`` (its pure-torch path), so that a benchmark
+against it compares like with like:
+
+- level ``l`` has resolution ``floor(base_resolution * b**l)`` computed in float32 as nerfstudio
+  does (with ``max_resolution`` given, ``b = exp((ln max - ln base) / (L - 1))``; e.g. 12 levels,
+  base 16, max 512 gives 16 ... 373, 511);
+- a point ``x`` in [0, 1]^3 is scaled by the level's resolution, and its cell corners are
+  ``floor(x * res) + {0, 1}`` per axis (nerfstudio uses floor/ceil, which gives the same values
+  everywhere, and the same derivative except on the measure-zero lattice planes);
+- every level is hashed (no dense indexing of coarse levels):
+  ``(cx * 1) ^ (cy * 2654435761) ^ (cz * 805459861) mod T``, in int64. For a power-of-two T this
+  equals tiny-cuda-nn's uint32 hash, since only the low bits survive the modulo.
+- features of a point are the trilinear interpolation of the 8 corner features; the output is
+  level-major: ``[l0 f0, l0 f1, l1 f0, ...]``.
+
+Speed (CPU): everything is computed one level at a time (the level's table stays in cache and the
+temporaries stay small) in a feature-major layout, (features, corners, points), where the lerps
+are contiguous elementwise ops and the outputs need no transposition. Training (table gradients,
+points without grad) goes through `_HashGridInterp`, whose backward scatters the corner gradients
+with one `index_add_` per level and feature instead of autograd's chain of slice-backward copies.
+Points that require grad (e.g. normals checked against autograd) go through `hash_grid_encode`
+under plain autograd: the same formulas.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+PRIMES = (1, 2654435761, 805459861)
+
+
+def level_resolutions(n_levels: int, base_resolution: int, per_level_scale: float) -> torch.Tensor:
+    """floor(base * b**l) for each level, computed like nerfstudio (float32), as a float32 tensor."""
+    return torch.floor(base_resolution * per_level_scale ** torch.arange(n_levels))
+
+
+def hash_corners(x3: torch.Tensor, resolution: float, table_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table indices of the 8 cell corners around each point, and the point's offset in its cell.
+
+    x3: (3, N) points in [0, 1]. Returns idx (8 * N,) int64, ordered (cx, cy, cz, point) with
+    corner (cx, cy, cz) at floor(x * res) + (cx, cy, cz), and frac (3, N) in [0, 1).
+    `table_size` must be a power of two (the modulo is a bit mask, applied per axis term since
+    it commutes with XOR).
+    """
+    n = x3.shape[1]
+    scaled = x3 * resolution
+    cell = scaled.floor()
+    frac = scaled - cell
+    primes = torch.tensor(PRIMES, device=x3.device)[:, None]
+    lo = cell.long() * primes  # (3, N): per-axis hash terms of the lower corner
+    hi = (lo + primes) & (table_size - 1)
+    lo &= table_size - 1
+    yz = torch.empty(2, 2, n, dtype=torch.long, device=x3.device)
+    for j, hy in enumerate((lo[1], hi[1])):
+        for k, hz in enumerate((lo[2], hi[2])):
+            torch.bitwise_xor(hy, hz, out=yz[j, k])
+    idx = torch.empty(2, 2, 2, n, dtype=torch.long, device=x3.device)
+    torch.bitwise_xor(yz, lo[0], out=idx[0])
+    torch.bitwise_xor(yz, hi[0], out=idx[1])
+    return idx.view(-1), frac
+
+
+def gather_corners(table_level: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Corner features of one level, one plane per feature: (F, 2, 2, 2, N) from a (T, F) table."""
+    planes = table_level.t().contiguous()  # (F, T): contiguous 1-D gathers are the fast ones
+    if torch.is_grad_enabled() and planes.requires_grad:
+        g = torch.stack([plane.index_select(0, idx) for plane in planes])
+    else:
+        g = planes.new_empty(planes.shape[0], idx.shape[0])
+        for plane, out in zip(planes, g):
+            torch.index_select(plane, 0, idx, out=out)
+    return g.view(planes.shape[0], 2, 2, 2, -1)
+
+
+def interpolate_corners(g: torch.Tensor, frac: torch.Tensor, resolution: float, with_jacobian: bool):
+    """Trilinear interpolation of corner values g (..., 2, 2, 2, N) at cell offsets frac (3, N).
+
+    Returns values (..., N) and, if asked, the Jacobian w.r.t. the point in [0, 1]^3,
+    (..., 3, N): differences along one axis, interpolated along the two others (the derivative of
+    the trilinear weights applied to the same corner values), times the resolution.
+    """
+    fx, fy, fz = frac[0], frac[1], frac[2]
+    dz = g[..., 1, :] - g[..., 0, :]  # (..., 2, 2, N) over (cx, cy)
+    gz = g[..., 0, :] + fz * dz
+    dy = gz[..., 1, :] - gz[..., 0, :]  # (..., 2, N) over cx
+    gy = gz[..., 0, :] + fy * dy
+    dx = gy[..., 1, :] - gy[..., 0, :]
+    values = gy[..., 0, :] + fx * dx
+    if not with_jacobian:
+        return values, None
+    dzy = dz[..., 0, :] + fy * (dz[..., 1, :] - dz[..., 0, :])  # (..., 2, N) over cx
+    jac_z = dzy[..., 0, :] + fx * (dzy[..., 1, :] - dzy[..., 0, :])
+    jac_y = dy[..., 0, :] + fx * (dy[..., 1, :] - dy[..., 0, :])
+    return values, torch.stack([dx, jac_y, jac_z], -2) * resolution
+
+
+def corner_gradients(frac: torch.Tensor, resolution: float, grad_values: torch.Tensor | None,
+                     grad_jac: torch.Tensor | None) -> torch.Tensor:
+    """Gradient w.r.t. the 8 corner values (2, 2, 2, N): the adjoint of `interpolate_corners`.
+
+    frac (3, N); grad_values (N,) and grad_jac (3, N) are the incoming gradients of one feature
+    (either may be None). With w0 = 1 - f, w1 = f per axis and s = (-res, +res), corner
+    (cx, cy, cz) gets  wx wy wz gv + sx wy wz gjx + wx sy wz gjy + wx wy sz gjz,  built axis by
+    axis so that nothing larger than (2, 2, 2, N) is formed.
+    """
+    wx = torch.stack([1.0 - frac[0], frac[0]])  # (2, N)
+    wy = torch.stack([1.0 - frac[1], frac[1]])
+    wz = torch.stack([1.0 - frac[2], frac[2]])
+    a = wx * grad_values if grad_values is not None else torch.zeros_like(wx)  # (2, N) over cx
+    if grad_jac is not None:
+        gx = resolution * grad_jac[0]
+        a = a + torch.stack([-gx, gx])
+    b = a[:, None] * wy  # (2, 2, N) over (cx, cy)
+    if grad_jac is not None:
+        c = resolution * wx * grad_jac[1]
+        b[:, 0] -= c
+        b[:, 1] += c
+    g = b[:, :, None] * wz  # (2, 2, 2, N)
+    if grad_jac is not None:
+        d = resolution * (wx[:, None] * wy) * grad_jac[2]
+        g[..., 0, :] -= d
+        g[..., 1, :] += d
+    return g
+
+
+def hash_grid_encode(table: torch.Tensor, x3: torch.Tensor, resolutions, with_jacobian: bool):
+    """Features (L, F, N) and Jacobians (L, F, 3, N) of points x3 (3, N); plain autograd ops.
+
+    Feature-major ("planar") outputs: viewed as (L*F, N) and (L*F, 3*N) they are the right-hand
+    sides of the next layer's GEMMs, and every per-level write is contiguous.
+    """
+    n_levels, table_size, n_features = table.shape
+    n = x3.shape[1]
+    feats = x3.new_empty(n_levels, n_features, n)
+    jacs = x3.new_empty(n_levels, n_features, 3, n) if with_jacobian else None
+    for level, table_level in enumerate(table.unbind(0)):
+        idx, frac = hash_corners(x3, resolutions[level], table_size)
+        g = gather_corners(table_level, idx)
+        values, jac = interpolate_corners(g, frac, resolutions[level], with_jacobian)
+        feats[level] = values
+        if with_jacobian:
+            jacs[level] = jac
+    return feats, jacs
+
+
+class _HashGridInterp(torch.autograd.Function):
+    """`hash_grid_encode` differentiable w.r.t. the table only, with a hand-written backward.
+
+    The backward recomputes the corner indices (cheap; keeping them would cost 64 bytes per point
+    and level), forms the corner gradients per feature plane (`corner_gradients`) and scatters
+    them into the table with `index_add_`.
+    """
+
+    @staticmethod
+    def forward(ctx, table, x3, resolutions, with_jacobian):
+        feats, jacs = hash_grid_encode(table, x3, resolutions, with_jacobian)
+        ctx.save_for_backward(x3)
+        ctx.resolutions, ctx.with_jacobian, ctx.table_shape = resolutions, with_jacobian, table.shape
+        ctx.set_materialize_grads(False)
+        return feats, (jacs if with_jacobian else feats.new_zeros(0))
+
+    @staticmethod
+    def backward(ctx, grad_feats, grad_jacs):
+        (x3,) = ctx.saved_tensors
+        n_levels, table_size, n_features = ctx.table_shape
+        use_jac = ctx.with_jacobian and grad_jacs is not None
+        if grad_feats is None and not use_jac:
+            return None, None, None, None
+        grad_feats = grad_feats.contiguous() if grad_feats is not None else None
+        grad_jacs = grad_jacs.contiguous() if use_jac else None
+        grad_planes = x3.new_zeros(n_levels, n_features, table_size)
+        for level in range(n_levels):
+            resolution = ctx.resolutions[level]
+            idx, frac = hash_corners(x3, resolution, table_size)
+            for f in range(n_features):
+                g = corner_gradients(frac, resolution, None if grad_feats is None else grad_feats[level, f],
+                                     grad_jacs[level, f] if use_jac else None)
+                grad_planes[level, f].index_add_(0, idx, g.view(-1))
+        return grad_planes.transpose(1, 2), None, None, None
+
+
+class HashGridEncoding(nn.Module):
+    """Instant-NGP multiresolution hash grid: x in [0, 1]^3 (N, 3) -> features (N, L * F).
+
+    Parameters live in one table ``self.table`` (L, T, F), initialised uniform(-init_scale,
+    init_scale) as in tiny-cuda-nn. ``backend`` names the implementation ("torch"); a fused
+    kernel can replace it behind the same interface and parameter layout.
+    """
+
+    backend = "torch"
+
+    def __init__(self, n_levels: int = 16, n_features_per_level: int = 2, log2_hashmap_size: int = 19,
+                 base_resolution: int = 16, per_level_scale: float = 1.447269, max_resolution: int | None = None,
+                 init_scale: float = 1e-4):
+        super().__init__()
+        if max_resolution is not None:
+            per_level_scale = math.exp((math.log(max_resolution) - math.log(base_resolution)) / max(n_levels - 1, 1))
+        self.n_levels, self.n_features_per_level = n_levels, n_features_per_level
+        self.log2_hashmap_size, self.base_resolution, self.per_level_scale = log2_hashmap_size, base_resolution, per_level_scale
+        self.register_buffer("resolutions", level_resolutions(n_levels, base_resolution, per_level_scale), persistent=False)
+        self._resolutions = tuple(float(r) for r in self.resolutions)
+        table_size = 2 ** log2_hashmap_size
+        self.table = nn.Parameter((torch.rand(n_levels, table_size, n_features_per_level) * 2 - 1) * init_scale)
+
+    @property
+    def output_dim(self) -> int:
+        return self.n_levels * self.n_features_per_level
+
+    def _encode(self, x: torch.Tensor, with_jacobian: bool):
+        # Clamped to [0, 1]; a point on a far face (x = 1) takes its value from the lower corner
+        # of the cell beyond, whose other corners get weight 0.
+        x3 = x.t().clamp(0.0, 1.0).contiguous()
+        if x3.requires_grad and torch.is_grad_enabled():
+            feats, jacs = hash_grid_encode(self.table, x3, self._resolutions, with_jacobian)
+        else:
+            feats, jacs = _HashGridInterp.apply(self.table, x3, self._resolutions, with_jacobian)
+        n = x3.shape[1]
+        features = feats.view(self.output_dim, n).t()
+        if not with_jacobian:
+            return features, None
+        return features, jacs.view(self.output_dim, 3, n).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._encode(x, False)[0]
+
+    def forward_with_jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (N, L*F) and d features / d x (N, L*F, 3), both differentiable w.r.t. the table.
+
+        Both are views of feature-major storage: ``features.t()`` is a contiguous (D, N) and
+        ``jacobian.permute(1, 2, 0)`` a contiguous (D, 3, N), so a following linear layer is one
+        GEMM each, ``W @ (D, N)`` and ``W @ (D, 3 * N)`` (see `NeRFField`).
+        """
+        return self._encode(x, True)
+
+    def extra_repr(self) -> str:
+        return (f"levels={self.n_levels}, features={self.n_features_per_level}, table=2^{self.log2_hashmap_size}, "
+                f"resolutions={[int(r) for r in self._resolutions]}, backend={self.backend}")

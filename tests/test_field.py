@@ -1,0 +1,82 @@
+"""NeRFField: analytic normals against autograd, the initial blob, gradients through normals."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from sds3d.nerf.field import CPU_FAST_ENCODING, NeRFField
+
+SMALL = dict(n_levels=4, log2_hashmap_size=12, base_resolution=4, max_resolution=32)
+
+
+def random_field(n_hidden_layers=1, **kwargs):
+    torch.manual_seed(0)
+    field = NeRFField(n_hidden_layers=n_hidden_layers, **{**SMALL, **kwargs})
+    with torch.no_grad():
+        field.encoding.table.uniform_(-1.0, 1.0)  # a field with structure, not the blob alone
+    return field
+
+
+@pytest.mark.parametrize("n_hidden_layers", [1, 2])
+def test_analytic_normals_match_autograd(n_hidden_layers):
+    # A mild blob so that softplus' does not underflow anywhere (autograd's gradient would vanish).
+    field = random_field(n_hidden_layers, radius=1.5, blob_density=1.0, blob_radius=1.0)
+    x = (torch.rand(300, 3) * 2 - 1) * 1.4
+    out = field(x, with_normals=True)
+    xr = x.clone().requires_grad_()
+    density = field(xr)["density"]
+    (grad,) = torch.autograd.grad(density.sum(), xr)
+    expected = -F.normalize(grad, dim=-1)
+    torch.testing.assert_close(out["density"], density.detach())
+    assert grad.norm(dim=-1).min() > 1e-4
+    torch.testing.assert_close(out["normal"], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_initial_field_is_a_blob():
+    torch.manual_seed(0)
+    field = NeRFField(**CPU_FAST_ENCODING)
+    direction = F.normalize(torch.randn(5, 3), dim=-1)
+    r = torch.linspace(0.0, 0.95, 20)
+    x = (direction[:, None, :] * r[None, :, None]).reshape(-1, 3)
+    out = field(x, with_normals=True)
+    density = out["density"].view(5, 20)
+    assert (density[:, 1:] < density[:, :-1]).all()  # decreasing with r
+    # density(0) = softplus(blob_density + raw), raw being the MLP's (small) density logit.
+    with torch.no_grad():
+        raw = field.head(F.relu(field.hidden[0](field.encoding(field.to_unit(torch.zeros(1, 3))))))[0, 0]
+    torch.testing.assert_close(out["density"][0], F.softplus(field.blob_density + raw))
+    assert abs(float(raw)) < 1.0 and density[:, 0].min() > 9.0
+    assert density[:, -1].max() < 0.01  # near the box: (almost) empty
+    # At the blob's edge the density is softplus(raw) ~ 0.7, and normals point outwards.
+    at_edge = field(direction * field.blob_radius)["density"]
+    torch.testing.assert_close(at_edge, F.softplus(raw).expand(5), atol=1e-2, rtol=0)
+    normals = out["normal"].view(5, 20, 3)[:, 1:]
+    cos = (normals * direction[:, None, :]).sum(-1)
+    assert cos.min() > 0.99
+    albedo = out["albedo"]
+    assert albedo.shape == (100, 3) and ((albedo - 0.5).abs() < 0.1).all()
+
+
+def test_density_is_zero_outside_the_box():
+    field = random_field(radius=1.0)
+    x = torch.tensor([[1.2, 0.0, 0.0], [0.0, -1.01, 0.0], [0.3, 0.2, 2.0], [0.9, 0.9, 0.9]])
+    density = field.density(x)
+    assert torch.equal(density[:3], torch.zeros(3)) and density[3] > 0
+
+
+def test_normal_loss_gradient_reaches_the_table_and_matches_double_backward():
+    field = random_field()
+    x = (torch.rand(200, 3) * 2 - 1) * 0.9
+    target = F.normalize(torch.randn(200, 3), dim=-1)
+    out = field(x, with_normals=True)
+    ((out["normal"] - target) ** 2).sum().backward()
+    table_grad = field.encoding.table.grad.clone()
+    weight_grad = field.hidden[0].weight.grad.clone()
+    assert table_grad.abs().sum() > 0 and weight_grad.abs().sum() > 0
+    # The same loss through autograd's double backward (normals from torch.autograd.grad).
+    field.zero_grad()
+    xr = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(field(xr)["density"].sum(), xr, create_graph=True)
+    ((-F.normalize(grad, dim=-1) - target) ** 2).sum().backward()
+    torch.testing.assert_close(table_grad, field.encoding.table.grad, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(weight_grad, field.hidden[0].weight.grad, atol=1e-4, rtol=1e-3)
