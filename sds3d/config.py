@@ -66,6 +66,7 @@ class GenerateConfig:
     preview_every: int = 100
     checkpoint_every: int = 200
     export_resolution: int = 128
+    mesh_threshold: float | str = "auto"  # density of the exported isosurface, or "auto" (Otsu on log density)
     export_formats: tuple[str, ...] = ("glb", "obj", "ply")
     turntable_frames: int = 48
     turntable_resolution: int = 128
@@ -88,6 +89,8 @@ class GenerateConfig:
         need(0.0 <= self.lambertian_start <= 1.0, "lambertian_start", "must be in [0, 1] (a fraction of the steps)")
         need(self.lr_encoding > 0 and self.lr_network > 0, "lr_encoding", "learning rates must be > 0")
         need(all(f in EXPORT_FORMATS for f in self.export_formats), "export_formats", f"allowed are {', '.join(EXPORT_FORMATS)}")
+        need(self.mesh_threshold == "auto" or (isinstance(self.mesh_threshold, (int, float)) and self.mesh_threshold > 0),
+             "mesh_threshold", "a density > 0 or 'auto'")
         need(self.preview_every >= 1 and self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         for name in ("elevation_range", "azimuth_range", "distance_range", "fovy_range"):
             lo, hi = getattr(self, name)

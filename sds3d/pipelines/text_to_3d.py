@@ -27,7 +27,7 @@ from ..distill.score import sds_loss
 from ..io import atomic_save_torch, atomic_write_text, prepare_run_folder, slugify
 from ..nerf.cameras import VIEW_NAMES, orbit_cameras, sample_cameras, view_names
 from ..nerf.field import NeRFField
-from ..nerf.render import OccupancyGrid, opacity_sparsity_loss, render_image
+from ..nerf.render import OccupancyGrid, opacity_entropy_loss, opacity_sparsity_loss, render_image
 
 
 @dataclass
@@ -119,7 +119,8 @@ class TextTo3D:
         torch.manual_seed(self.config.seed)
         self.field = make_field(self.config)
         self.optimizer = make_optimizer(self.config, self.field)
-        self.occupancy = OccupancyGrid(resolution=self.config.occupancy_resolution)
+        self.occupancy = OccupancyGrid(resolution=self.config.occupancy_resolution,
+                                       update_every=self.config.occupancy_update_every)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.step = 0
 
@@ -183,12 +184,13 @@ class TextTo3D:
                 loss = loss + cfg.lambda_orientation * out["orientation_loss"].mean()
             if cfg.lambda_sparsity > 0:
                 loss = loss + cfg.lambda_sparsity * opacity_sparsity_loss(out["opacity"])
+            if cfg.lambda_opacity_entropy > 0:
+                loss = loss + cfg.lambda_opacity_entropy * opacity_entropy_loss(out["opacity"])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.step += 1
-            if self.step % cfg.occupancy_update_every == 0:
-                self.occupancy.update(self.field, step=self.step, generator=self.generator)
+            self.occupancy.update(self.field, step=self.step, generator=self.generator)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3g}")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
@@ -206,7 +208,8 @@ class TextTo3D:
 
         cfg = self.config
         with torch.no_grad():
-            mesh = extract_mesh(self.field.density, self.field.albedo, resolution=cfg.export_resolution)
+            mesh = extract_mesh(self.field.density, lambda x: self.field(x)["albedo"], resolution=cfg.export_resolution,
+                                threshold=cfg.mesh_threshold)
         files = export_mesh(mesh, self.run_dir, stem="mesh", formats=cfg.export_formats)
 
         def render_fn(camera):

@@ -79,7 +79,8 @@ class OracleTeacher:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "oracle"
         self.use_disk_cache = use_disk_cache
         self.schedule = NoiseSchedule.linear()
-        self._banks: dict[tuple[str, str], torch.Tensor] = {}
+        self._banks: dict[str, torch.Tensor] = {}  # "a red cube, front view" -> renders
+        self._prompt_keys: dict[str, str] = {}  # any accepted prompt -> its bank key
         self._random_bank: torch.Tensor | None = None
 
     # -- data ---------------------------------------------------------------------------------
@@ -112,9 +113,20 @@ class OracleTeacher:
             rgb = F.avg_pool2d(rgb, self.supersample)
         return rgb.clamp(0, 1) * 2 - 1
 
+    @classmethod
+    def from_banks(cls, banks: dict[str, torch.Tensor], extra_uncond: torch.Tensor | None = None) -> "OracleTeacher":
+        """An oracle over given images (K, 3, R, R) in [-1, 1] per prompt, not over world renders."""
+        first = next(iter(banks.values()))
+        teacher = cls(resolution=first.shape[-1], n_uncond=0, use_disk_cache=False)
+        teacher._banks = dict(banks)
+        teacher._random_bank = extra_uncond if extra_uncond is not None else first.new_zeros(0, *first.shape[1:])
+        return teacher
+
     def bank(self, scene, view: str) -> torch.Tensor:
         """Renders (K, 3, R, R) in [-1, 1] of `scene` from cameras in the `view` bucket."""
-        key = (scene.caption, view)
+        from ..world.captions import with_view
+
+        key = with_view(scene.caption, view)
         if key not in self._banks:
             seed_text = f"{self.seed}/{scene.caption}/{view}"
             gen = torch.Generator().manual_seed(int(hashlib.sha1(seed_text.encode()).hexdigest()[:8], 16))
@@ -124,7 +136,7 @@ class OracleTeacher:
                                       self.distance_range, self.fovy_range, gen)
                 return self._render(scene, cams)
 
-            self._banks[key] = self._cached(self._cache_key("bank", *key, self.views_per_bucket), make)
+            self._banks[key] = self._cached(self._cache_key("bank", key, self.views_per_bucket), make)
         return self._banks[key]
 
     def random_bank(self) -> torch.Tensor:
@@ -149,7 +161,12 @@ class OracleTeacher:
         return self._random_bank
 
     def unconditional_data(self) -> torch.Tensor:
-        return torch.cat([self.random_bank(), *self._banks.values()])
+        """Every image the teacher holds, flattened in float64 (kept until a new bank arrives)."""
+        count = len(self._banks)
+        if getattr(self, "_uncond_cache", (None, -1))[1] != count:
+            data = torch.cat([self.random_bank(), *self._banks.values()])
+            self._uncond_cache = (data.flatten(1).double(), count)
+        return self._uncond_cache[0]
 
     # -- the Teacher protocol -----------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], negative: list[str] | None = None) -> Cond:
@@ -157,15 +174,20 @@ class OracleTeacher:
 
         Negative prompts are not supported by an oracle: its unconditional data are fixed.
         """
-        from ..world.captions import split_view
-        from ..world.prompts import resolve_prompt
-
         keys = []
         for prompt in prompts:
-            base, view = split_view(prompt)
-            scene = resolve_prompt(base)
-            self.bank(scene, view or "front")
-            keys.append((scene.caption, view or "front"))
+            if prompt not in self._prompt_keys:
+                if prompt in self._banks:
+                    self._prompt_keys[prompt] = prompt
+                else:
+                    from ..world.captions import split_view, with_view
+                    from ..world.prompts import resolve_prompt
+
+                    base, view = split_view(prompt)
+                    scene = resolve_prompt(base)
+                    self.bank(scene, view or "front")
+                    self._prompt_keys[prompt] = with_view(scene.caption, view or "front")
+            keys.append(self._prompt_keys[prompt])
         return Cond(prompts=list(prompts), cond=keys, uncond=None)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -181,7 +203,7 @@ class OracleTeacher:
     def posterior_mean(x_t: torch.Tensor, abar: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
         """E[y | x_t] over the finite set `data` (K, C, H, W), for a batch x_t (B, C, H, W), abar (B,)."""
         x = x_t.flatten(1).double()
-        y = data.flatten(1).double()
+        y = data.flatten(1).double()  # no copy when the data are already flat float64
         a = abar.double().reshape(-1, 1)
         sq = (x * x).sum(1, keepdim=True) - 2 * a.sqrt() * (x @ y.T) + a * (y * y).sum(1)[None]
         weights = torch.softmax(-sq / (2 * (1 - a)), dim=1)
@@ -194,7 +216,7 @@ class OracleTeacher:
         for key in set(cond.cond):
             rows = [i for i, k in enumerate(cond.cond) if k == key]
             x0_cond[rows] = self.posterior_mean(x_t[rows], abar[rows], self._banks[key])
-        x0_uncond = self.posterior_mean(x_t, abar, self.unconditional_data())
+        x0_uncond = self.posterior_mean(x_t, abar, self.unconditional_data()).reshape(x_t.shape)
         return x0_cond, x0_uncond
 
     @torch.no_grad()

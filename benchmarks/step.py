@@ -1,0 +1,62 @@
+"""Seconds per SDS optimization step of `generate`, split into render / teacher / backward.
+
+    python benchmarks/step.py [--resolution 48] [--steps 20] [--preset cpu-fast]
+"""
+
+import argparse
+import time
+
+import torch
+
+from sds3d.config import make_config
+from sds3d.distill.score import sds_loss
+from sds3d.nerf.cameras import VIEW_NAMES, sample_cameras, view_names
+from sds3d.nerf.render import OccupancyGrid, render_image
+from sds3d.pipelines.text_to_3d import make_field, make_optimizer, make_teacher, view_prompts
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="cpu-fast")
+    parser.add_argument("--prompt", default="a red cube")
+    parser.add_argument("--resolution", type=int, nargs="+", default=[32, 48, 64])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--shading", default="albedo")
+    args = parser.parse_args()
+    for resolution in args.resolution:
+        cfg = make_config(args.preset, prompt=args.prompt, render_resolution=resolution)
+        torch.manual_seed(0)
+        field, teacher = make_field(cfg), make_teacher(cfg)
+        optimizer = make_optimizer(cfg, field)
+        occupancy = OccupancyGrid(resolution=cfg.occupancy_resolution)
+        occupancy.update(field)
+        prompts = dict(zip(VIEW_NAMES, view_prompts(cfg, list(VIEW_NAMES))))
+        teacher.encode_prompt(list(prompts.values()))
+        teacher.unconditional_data()
+        g = torch.Generator().manual_seed(0)
+        times = {"render": [], "teacher": [], "backward": [], "total": []}
+        for step in range(args.steps + 3):
+            t0 = time.perf_counter()
+            cams = sample_cameras(cfg.batch_size, resolution, cfg.elevation_range, cfg.azimuth_range,
+                                  cfg.distance_range, cfg.fovy_range, generator=g)
+            out = render_image(field, cams, occupancy=occupancy, num_samples=cfg.num_samples, shading=args.shading,
+                               generator=g, need_normals=args.shading != "albedo" or cfg.lambda_orientation > 0)
+            t1 = time.perf_counter()
+            cond = teacher.encode_prompt([prompts[v] for v in view_names(cams)])
+            loss = sds_loss(teacher, out["rgb"], cond, cfg.guidance_scale, cfg.t_min, cfg.t_max, g).loss
+            loss = loss + cfg.lambda_orientation * out["orientation_loss"].mean() if "orientation_loss" in out else loss
+            t2 = time.perf_counter()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            t3 = time.perf_counter()
+            if step >= 3:
+                for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                    times[k].append(v)
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        print(f"{resolution}x{resolution} batch {cfg.batch_size} {args.shading}: " +
+              "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

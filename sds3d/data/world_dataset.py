@@ -1,0 +1,278 @@
+"""Cached, deterministic datasets of world renders with labels and captions.
+
+`world_renders(RenderSpec(...))` renders every scene of the world (or a given subset) from
+random cameras, at twice the resolution then 2x2 average-pooled (antialiasing), and keeps the
+images as uint8 (N, 3, R, R) with per-image labels: category, color and view indices (into
+CATEGORIES, COLORS, VIEW_NAMES), elevation, azimuth, distance and fovy. The result is cached in
+one compressed .npz under `$SDS3D_CACHE/world/` (default ~/.cache/sds3d/world/) keyed by the spec
+and scene list, so a second call costs a file read. Same spec -> same images, bit for bit.
+
+Splits: "train" excludes the (color, primitive) pairs of `held_out_combinations()` (what the
+teacher may see), "held_out" is exactly those pairs, "all" is everything.
+
+Captions: `CaptionTable` lists every phrasing of every scene with and without a view suffix
+(the text vocabulary whose MiniLM embeddings training caches) and draws one per image:
+a canonical caption with probability `canonical_prob`, otherwise any paraphrase; a view suffix
+(", front view") with probability `view_prob`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..io import atomic_path
+from ..nerf.cameras import VIEW_NAMES, spherical_cameras, view_name
+from ..world.captions import bare_caption, captions, nouns, paraphrases, with_view
+from ..world.scenes import CATEGORIES, COLORS, DEFAULT_COLORS, Scene, all_scenes, held_out_combinations
+
+DATASET_VERSION = 1  # bump when world rendering or this file's sampling changes
+COLOR_NAMES = tuple(COLORS)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("SDS3D_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sds3d")
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """What to render. Camera ranges default to `sds3d generate`'s; `overhead_fraction` of the
+    cameras instead come from `overhead_elevation_range` (labelled 'overhead')."""
+
+    resolution: int = 32
+    views_per_scene: int = 256
+    seed: int = 0
+    supersample: int = 2
+    elevation_range: tuple[float, float] = (-10.0, 60.0)
+    azimuth_range: tuple[float, float] = (-180.0, 180.0)
+    distance_range: tuple[float, float] = (2.5, 3.0)
+    fovy_range: tuple[float, float] = (40.0, 50.0)
+    overhead_fraction: float = 0.0
+    overhead_elevation_range: tuple[float, float] = (61.0, 89.0)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RenderSpec":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known})
+
+
+def is_held_out(category: str, color: str) -> bool:
+    return (color, category) in set(held_out_combinations())
+
+
+def scene_seed(seed: int, scene: Scene) -> int:
+    text = f"{DATASET_VERSION}/{seed}/{scene.category}/{scene.color}"
+    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16)
+
+
+def scene_cameras(spec: RenderSpec, scene: Scene, resolution: int):
+    """The spec's cameras for one scene (deterministic in spec.seed and the scene)."""
+    gen = torch.Generator().manual_seed(scene_seed(spec.seed, scene))
+    n = spec.views_per_scene
+    u = lambda lo_hi: lo_hi[0] + (lo_hi[1] - lo_hi[0]) * torch.rand(n, generator=gen)
+    el, az, dist, fovy = u(spec.elevation_range), u(spec.azimuth_range), u(spec.distance_range), u(spec.fovy_range)
+    overhead = torch.rand(n, generator=gen) < spec.overhead_fraction
+    el = torch.where(overhead, u(spec.overhead_elevation_range), el)
+    return spherical_cameras(el, az, dist, fovy, resolution)
+
+
+class WorldRenders:
+    """Images (N, 3, R, R) uint8 and per-image labels; see the module docstring."""
+
+    FIELDS = ("category", "color", "view", "elevation", "azimuth", "distance", "fovy")
+
+    def __init__(self, images: torch.Tensor, labels: dict[str, torch.Tensor], spec: RenderSpec):
+        self.images = images
+        self.spec = spec
+        self.category = labels["category"].long()
+        self.color = labels["color"].long()
+        self.view = labels["view"].long()
+        self.elevation = labels["elevation"].float()
+        self.azimuth = labels["azimuth"].float()
+        self.distance = labels["distance"].float()
+        self.fovy = labels["fovy"].float()
+        pairs = set(held_out_combinations())
+        self.held_out = torch.tensor([(COLOR_NAMES[c], CATEGORIES[k]) in pairs
+                                      for k, c in zip(self.category.tolist(), self.color.tolist())], dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[-1]
+
+    def indices(self, split: str = "all") -> torch.Tensor:
+        """Image indices of a split: 'train' (no held-out pairs), 'held_out' or 'all'."""
+        if split == "all":
+            return torch.arange(len(self))
+        if split == "train":
+            return torch.nonzero(~self.held_out).squeeze(-1)
+        if split == "held_out":
+            return torch.nonzero(self.held_out).squeeze(-1)
+        raise ValueError(f"unknown split {split!r}: allowed are 'train', 'held_out', 'all'")
+
+    def float_images(self, index=None) -> torch.Tensor:
+        """Images in [0, 1] (float32) for an index tensor/slice (all when None)."""
+        images = self.images if index is None else self.images[index]
+        return images.float() / 255.0
+
+    def scene(self, i: int) -> Scene:
+        return Scene(CATEGORIES[int(self.category[i])], COLOR_NAMES[int(self.color[i])])
+
+    def labels(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def subset(self, index: torch.Tensor) -> "WorldRenders":
+        return WorldRenders(self.images[index], {k: v[index] for k, v in self.labels().items()}, self.spec)
+
+
+def _cache_path(spec: RenderSpec, scenes: list[Scene], cache_dir: Path) -> Path:
+    key = json.dumps([DATASET_VERSION, spec.to_dict(), [(s.category, s.color) for s in scenes]], sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    return cache_dir / "world" / f"renders-{spec.resolution}px-{len(scenes)}x{spec.views_per_scene}-{digest}.npz"
+
+
+def render_dataset(spec: RenderSpec, scenes: list[Scene], progress: bool = False) -> WorldRenders:
+    """Render (no cache). Rendering is at resolution * supersample, then average-pooled."""
+    from ..world.render import render_scene
+
+    hi = spec.resolution * spec.supersample
+    images, labels = [], {name: [] for name in WorldRenders.FIELDS}
+    start = time.time()
+    for n, scene in enumerate(scenes):
+        cams = scene_cameras(spec, scene, hi)
+        rgb = torch.cat([render_scene(scene, cams[i:i + 64])["rgb"] for i in range(0, cams.batch_size, 64)])
+        if spec.supersample > 1:
+            rgb = F.avg_pool2d(rgb, spec.supersample)
+        images.append((rgb.clamp(0, 1) * 255).round().to(torch.uint8))
+        k = cams.batch_size
+        labels["category"].append(torch.full((k,), CATEGORIES.index(scene.category)))
+        labels["color"].append(torch.full((k,), COLOR_NAMES.index(scene.color)))
+        labels["view"].append(torch.tensor([VIEW_NAMES.index(view_name(e, a))
+                                            for e, a in zip(cams.elevation_deg.tolist(), cams.azimuth_deg.tolist())]))
+        labels["elevation"].append(cams.elevation_deg)
+        labels["azimuth"].append(cams.azimuth_deg)
+        labels["distance"].append(cams.distance)
+        labels["fovy"].append(torch.rad2deg(cams.fovy))
+        if progress and (n + 1) % 15 == 0:
+            print(f"rendered {n + 1}/{len(scenes)} scenes ({time.time() - start:.0f} s)", flush=True)
+    return WorldRenders(torch.cat(images), {k: torch.cat(v) for k, v in labels.items()}, spec)
+
+
+def world_renders(spec: RenderSpec = RenderSpec(), scenes: list[Scene] | None = None, cache_dir: str | Path | None = None,
+                  use_cache: bool = True, progress: bool = False) -> WorldRenders:
+    """The renders of `spec` for `scenes` (default: every scene), from the disk cache when present."""
+    scenes = list(scenes) if scenes is not None else all_scenes()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = _cache_path(spec, scenes, cache_dir)
+    if use_cache and path.exists():
+        try:
+            with np.load(path) as data:
+                labels = {name: torch.from_numpy(data[name]) for name in WorldRenders.FIELDS}
+                return WorldRenders(torch.from_numpy(data["images"]), labels, spec)
+        except Exception:
+            pass  # a damaged cache file is rebuilt below
+    renders = render_dataset(spec, scenes, progress)
+    if use_cache:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, images=renders.images.numpy(),
+                            **{name: getattr(renders, name).numpy() for name in WorldRenders.FIELDS})
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getvalue())
+    return renders
+
+
+# --- captions --------------------------------------------------------------------------------
+
+def canonical_phrasings(category: str, color: str) -> list[str]:
+    """What prompts/world.txt calls a scene: its caption, plus the bare name(s) in the default colour."""
+    out = captions(category, color)
+    if color == DEFAULT_COLORS.get(category) and bare_caption(category) not in out:
+        out.append(bare_caption(category))
+    return out
+
+
+def scene_phrasings(category: str, color: str) -> list[str]:
+    """Every phrasing of a scene, canonical ones first: paraphrases, and in the default colour
+    the bare nouns ('a cube' is a gray cube, 'a ball' a gray sphere)."""
+    out = canonical_phrasings(category, color) + paraphrases(category, color)
+    if color == DEFAULT_COLORS.get(category):
+        out += [bare_caption(noun) for noun in nouns(category)]
+    return list(dict.fromkeys(out))
+
+
+class CaptionTable:
+    """All captions of a set of scenes (phrasings x {no suffix, 4 view suffixes}) and the rule
+    that draws one per image. `texts[0]` is the empty caption (caption dropout / unconditional)."""
+
+    def __init__(self, scenes: list[Scene] | None = None, canonical_prob: float = 0.5, view_prob: float = 0.75):
+        scenes = list(scenes) if scenes is not None else all_scenes()
+        self.canonical_prob = canonical_prob
+        self.view_prob = view_prob
+        texts = [""]
+        index: dict[str, int] = {"": 0}
+        self._phrasings: dict[tuple[int, int], tuple[list[int], list[int]]] = {}  # -> (canonical, all) base indices
+
+        def add(text: str) -> int:
+            if text not in index:
+                index[text] = len(texts)
+                texts.append(text)
+            return index[text]
+
+        self._suffixed: dict[tuple[int, int], int] = {}  # (base text index, view index) -> text index
+        for scene in scenes:
+            all_ = scene_phrasings(scene.category, scene.color)
+            canon = canonical_phrasings(scene.category, scene.color)
+            ids = [add(t) for t in all_]
+            for i, text in zip(ids, all_):
+                for v, view in enumerate(VIEW_NAMES):
+                    self._suffixed[(i, v)] = add(with_view(text, view))
+            key = (CATEGORIES.index(scene.category), COLOR_NAMES.index(scene.color))
+            self._phrasings[key] = ([index[t] for t in canon], ids)
+        self.texts = texts
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def sample(self, category: int, color: int, view: int, generator: torch.Generator) -> int:
+        """Index into `texts` of a random caption of one image (4 draws from `generator`)."""
+        canon, all_ = self._phrasings[(int(category), int(color))]
+        r = torch.rand(4, generator=generator).tolist()
+        pool = canon if r[0] < self.canonical_prob else all_
+        base = pool[min(int(r[1] * len(pool)), len(pool) - 1)]
+        return self._suffixed[(base, int(view))] if r[2] < self.view_prob else base
+
+    def sample_batch(self, category: torch.Tensor, color: torch.Tensor, view: torch.Tensor,
+                     generator: torch.Generator) -> torch.Tensor:
+        return torch.tensor([self.sample(k, c, v, generator) for k, c, v in
+                             zip(category.tolist(), color.tolist(), view.tolist())], dtype=torch.long)
+
+
+def caption_vocabulary(scenes: list[Scene] | None = None) -> list[str]:
+    """Every caption `CaptionTable` can draw for these scenes ('' first)."""
+    return CaptionTable(scenes).texts
+
+
+def sample_caption(category: str, color: str, view: str | None, generator: torch.Generator,
+                   canonical_prob: float = 0.5, view_prob: float = 0.75) -> str:
+    """One random caption of a scene seen from `view` (text form of `CaptionTable.sample`)."""
+    table = CaptionTable([Scene(category, color)], canonical_prob, view_prob)
+    v = VIEW_NAMES.index(view) if view is not None else 0
+    prob = view_prob if view is not None else 0.0
+    table.view_prob = prob
+    return table.texts[table.sample(CATEGORIES.index(category), COLOR_NAMES.index(color), v, generator)]

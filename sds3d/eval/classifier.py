@@ -1,0 +1,297 @@
+"""The world classifier: a small CNN that names the category, colour and view of an image.
+
+It scores generated images without any ground truth: prompt accuracy (does the image show the
+category and colour its prompt asks for) and FD_world (Frechet distance between image sets in its
+penultimate features, sds3d/eval/fd.py). Trained on world renders (sds3d.data) of every scene,
+including the (color, primitive) pairs held out of teacher training, so it can judge those too.
+Weights ship as sds3d/assets/classifier.safetensors with classifier.json (config + accuracy).
+
+    python -m sds3d.eval.classifier train     # ~5 min on one CPU thread; rewrites the shipped weights
+    python -m sds3d.eval.classifier evaluate  # accuracy of the shipped weights on fresh renders
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nerf.cameras import VIEW_NAMES
+from ..world.scenes import CATEGORIES, COLORS
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
+WEIGHTS_PATH = ASSET_DIR / "classifier.safetensors"
+CONFIG_PATH = ASSET_DIR / "classifier.json"
+COLOR_NAMES = tuple(COLORS)
+
+
+class ClassifierWeightsError(RuntimeError):
+    """The classifier's weights are missing or unreadable; the message says which file and what to do."""
+
+
+@dataclass
+class ClassifierConfig:
+    resolution: int = 32
+    channels: tuple[int, ...] = (32, 64, 128)
+    feature_dim: int = 128
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ClassifierConfig":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known})
+
+
+class WorldClassifier(nn.Module):
+    """Images (B, 3, H, W) in [0, 1], any size (resized to `resolution` with antialiasing) ->
+    logits for category (15), color (11) and view (4); `features` are the penultimate activations."""
+
+    def __init__(self, config: ClassifierConfig = ClassifierConfig()):
+        super().__init__()
+        self.config = config
+        layers, cin = [], 3
+        for c in config.channels:
+            layers += [nn.Conv2d(cin, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                       nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            cin = c
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, config.feature_dim)
+        self.category_head = nn.Linear(config.feature_dim, len(CATEGORIES))
+        self.color_head = nn.Linear(config.feature_dim, len(COLOR_NAMES))
+        self.view_head = nn.Linear(config.feature_dim, len(VIEW_NAMES))
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        r = self.config.resolution
+        images = images.float()
+        if images.shape[-1] != r or images.shape[-2] != r:
+            images = F.interpolate(images, (r, r), mode="bilinear", align_corners=False, antialias=True)
+        return images * 2 - 1
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (B, feature_dim) of images in [0, 1]."""
+        h = self.body(self.prepare(images)).mean(dim=(2, 3))
+        return F.relu(self.fc(h))
+
+    def heads(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"category": self.category_head(features), "color": self.color_head(features),
+                "view": self.view_head(features)}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.heads(self.features(images))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+        """Predicted indices {category, color, view} (B,) each, in eval mode."""
+        was_training = self.training
+        self.eval()
+        out = {"category": [], "color": [], "view": []}
+        for i in range(0, images.shape[0], batch_size):
+            logits = self(images[i:i + batch_size])
+            for k in out:
+                out[k].append(logits[k].argmax(-1))
+        self.train(was_training)
+        return {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in out.items()}
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Penultimate features of many images, in eval mode, batched."""
+        was_training = self.training
+        self.eval()
+        feats = [self.features(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+        self.train(was_training)
+        return torch.cat(feats) if feats else torch.zeros(0, self.config.feature_dim)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def load_classifier_from(weights: str | Path, config_path: str | Path | None = None) -> WorldClassifier:
+    from safetensors.torch import load_file
+
+    weights = Path(weights)
+    config_path = Path(config_path) if config_path else weights.with_suffix(".json")
+    if not weights.exists():
+        raise ClassifierWeightsError(f"classifier weights {weights} not found: reinstall sds3d or retrain with "
+                                     f"`python -m sds3d.eval.classifier train`")
+    try:
+        meta = json.loads(config_path.read_text()) if config_path.exists() else {}
+        model = WorldClassifier(ClassifierConfig.from_dict(meta.get("config", {})))
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as error:
+        raise ClassifierWeightsError(f"classifier weights {weights} are unreadable or corrupted "
+                                     f"({type(error).__name__}): reinstall sds3d or retrain with "
+                                     f"`python -m sds3d.eval.classifier train`") from None
+    return model.eval()
+
+
+@functools.cache
+def load_classifier() -> WorldClassifier:
+    """The shipped classifier (loaded once per process, eval mode)."""
+    return load_classifier_from(WEIGHTS_PATH, CONFIG_PATH)
+
+
+# --- prompt accuracy -------------------------------------------------------------------------
+
+def prompt_targets(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(category, color) indices that each prompt asks for (view suffixes ignored)."""
+    from ..world.prompts import resolve_prompt
+
+    scenes = [resolve_prompt(p) for p in prompts]
+    return (torch.tensor([CATEGORIES.index(s.category) for s in scenes]),
+            torch.tensor([COLOR_NAMES.index(s.color) for s in scenes]))
+
+
+@torch.no_grad()
+def prompt_accuracy(images: torch.Tensor, prompts: list[str], classifier: WorldClassifier | None = None) -> dict:
+    """Share of images (B, 3, H, W) in [0, 1] whose predicted category / colour / both match
+    their prompt (one prompt per image). Also returns per-image predictions."""
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"prompt_accuracy: {images.shape[0]} images but {len(prompts)} prompts")
+    classifier = classifier or load_classifier()
+    category, color = prompt_targets(prompts)
+    pred = classifier.predict(images)
+    ok_category = pred["category"] == category
+    ok_color = pred["color"] == color
+    return {
+        "n": len(prompts),
+        "category": float(ok_category.float().mean()) if prompts else float("nan"),
+        "color": float(ok_color.float().mean()) if prompts else float("nan"),
+        "both": float((ok_category & ok_color).float().mean()) if prompts else float("nan"),
+        "predicted_category": [CATEGORIES[i] for i in pred["category"].tolist()],
+        "predicted_color": [COLOR_NAMES[i] for i in pred["color"].tolist()],
+    }
+
+
+# --- training --------------------------------------------------------------------------------
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Label-preserving perturbations, so that imperfect generated images are still read right:
+    shifts of up to 2 px (white fill), mild blur, brightness within 5%, Gaussian noise."""
+    b, _, h, w = images.shape
+    pad = 2
+    padded = F.pad(images, (pad,) * 4, value=1.0)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(b, 3, h, w)
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(b, 3, h, w)
+    out = padded[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+    blur = torch.rand(b, generator=generator) < 0.3
+    if blur.any():
+        kernel = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (kernel[:, None] * kernel[None]) / 16
+        blurred = F.conv2d(F.pad(out[blur], (1, 1, 1, 1), mode="replicate"), kernel.expand(3, 1, 3, 3), groups=3)
+        out[blur] = blurred
+    scale = 1 + 0.1 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
+    noise = torch.randn(out.shape, generator=generator) * 0.04 * torch.rand(b, 1, 1, 1, generator=generator)
+    return (out * scale + noise).clamp(0, 1)
+
+
+def _accuracy(model: WorldClassifier, images: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, float]:
+    pred = model.predict(images)
+    return {k: float((pred[k] == labels[k]).float().mean()) for k in ("category", "color", "view")}
+
+
+def evaluation_sets(seed: int = 2, views_per_scene: int = 32):
+    """Fresh renders for evaluation: generate's camera ranges, a seed no training set uses."""
+    from ..data.world_dataset import RenderSpec, world_renders
+
+    return world_renders(RenderSpec(resolution=32, views_per_scene=views_per_scene, seed=seed))
+
+
+def evaluate(model: WorldClassifier, renders) -> dict:
+    """Accuracy on all renders and on the teacher's held-out (color, primitive) pairs."""
+    labels = {"category": renders.category, "color": renders.color, "view": renders.view}
+    held = renders.indices("held_out")
+    return {"all": _accuracy(model, renders.float_images(), labels),
+            "held_out_pairs": _accuracy(model, renders.float_images(held), {k: v[held] for k, v in labels.items()}),
+            "n_all": len(renders), "n_held_out_pairs": int(held.numel())}
+
+
+def train_classifier(out_weights: str | Path = WEIGHTS_PATH, epochs: int = 12, batch_size: int = 128, lr: float = 3e-3,
+                     views_per_scene: int = 96, seed: int = 0, log=print) -> tuple[WorldClassifier, dict]:
+    """Train on renders of every scene (seed 1, 15% overhead cameras), evaluate on fresh renders
+    (seed 2), save weights (safetensors) and config+metrics json next to them."""
+    from safetensors.torch import save as save_safetensors
+
+    from ..data.world_dataset import RenderSpec, world_renders
+    from ..io import atomic_path, atomic_write_text
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.time()
+    spec = RenderSpec(resolution=32, views_per_scene=views_per_scene, seed=1, overhead_fraction=0.15)
+    data = world_renders(spec, progress=True)
+    test = evaluation_sets()
+    log(f"data: {len(data)} training renders, {len(test)} test renders ({time.time() - start:.0f} s)")
+    model = WorldClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(data) / batch_size)
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15)
+    labels = {"category": data.category, "color": data.color, "view": data.view}
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(data), generator=gen)
+        total_loss = 0.0
+        for i in range(0, len(data), batch_size):
+            idx = order[i:i + batch_size]
+            x = augment(data.float_images(idx), gen)
+            logits = model(x)
+            loss = (F.cross_entropy(logits["category"], labels["category"][idx], label_smoothing=0.05)
+                    + F.cross_entropy(logits["color"], labels["color"][idx], label_smoothing=0.05)
+                    + 0.5 * F.cross_entropy(logits["view"], labels["view"][idx], label_smoothing=0.05))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            total_loss += float(loss.detach()) * idx.numel()
+        metrics = evaluate(model, test)
+        log(f"epoch {epoch + 1}/{epochs} loss {total_loss / len(data):.4f} test {metrics['all']} "
+            f"held-out pairs {metrics['held_out_pairs']} ({time.time() - start:.0f} s)")
+    model.eval()
+    metrics = evaluate(model, test)
+    out_weights = Path(out_weights)
+    with atomic_path(out_weights) as tmp:
+        tmp.write_bytes(save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}))
+    meta = {"config": model.config.to_dict(), "categories": list(CATEGORIES), "colors": list(COLOR_NAMES),
+            "views": list(VIEW_NAMES), "train": {"renders": spec.to_dict(), "epochs": epochs, "batch_size": batch_size,
+                                                  "lr": lr, "seed": seed, "seconds": round(time.time() - start, 1)},
+            "test": {"renders": "RenderSpec(resolution=32, views_per_scene=32, seed=2): generate's camera ranges",
+                     **metrics}}
+    atomic_write_text(out_weights.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    return model, metrics
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sds3d.eval.classifier")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train")
+    tr.add_argument("--out", default=str(WEIGHTS_PATH))
+    tr.add_argument("--epochs", type=int, default=12)
+    tr.add_argument("--threads", type=int, default=None)
+    sub.add_parser("evaluate")
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.command == "train":
+        _, metrics = train_classifier(args.out, epochs=args.epochs)
+    else:
+        metrics = evaluate(load_classifier(), evaluation_sets())
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
