@@ -31,10 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--preset", default="cpu-fast", help=f"one of {', '.join(PRESETS)} (default cpu-fast)")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--steps", type=int, default=None)
-    gen.add_argument("--teacher", default=None, help="oracle (default)")
+    gen.add_argument("--teacher", default=None,
+                     help="oracle (default: the exact denoiser of world renders) or embedded (the shipped network)")
     gen.add_argument("--guidance-scale", type=float, default=None)
     gen.add_argument("--render-resolution", type=int, default=None)
     gen.add_argument("--batch-size", type=int, default=None)
+    gen.add_argument("--encoding-backend", default=None, help="auto (default), cpp or torch")
     gen.add_argument("--elevation-range", type=_range, default=None, metavar="LOW,HIGH")
     gen.add_argument("--distance-range", type=_range, default=None, metavar="LOW,HIGH")
     gen.add_argument("--out", default=None, help="run folder (default outputs/<prompt-slug>-<seed>)")
@@ -48,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="re-export a run's mesh and turntable from its last checkpoint")
     ex.add_argument("run_dir")
+
+    from .teachers.training import add_teacher_parser
+
+    add_teacher_parser(sub)
     return parser
 
 
@@ -71,7 +77,7 @@ def cmd_generate(args) -> int:
 
     overrides = dict(prompt=args.prompt, seed=args.seed, steps=args.steps, teacher=args.teacher,
                      guidance_scale=args.guidance_scale, render_resolution=args.render_resolution,
-                     batch_size=args.batch_size, elevation_range=args.elevation_range,
+                     batch_size=args.batch_size, encoding_backend=args.encoding_backend, elevation_range=args.elevation_range,
                      distance_range=args.distance_range)
     config = make_config(args.preset, **overrides)
     out = Path(args.out) if args.out else default_run_dir(config)
@@ -81,7 +87,8 @@ def cmd_generate(args) -> int:
         if args.steps is not None:
             config.steps = args.steps
         config.validate()
-    result = generate(config, out=out, overwrite=args.overwrite, resume=args.resume, show_progress=not args.quiet)
+    result = generate(config, out=out, overwrite=args.overwrite, resume=args.resume, show_progress=not args.quiet,
+                      evaluate=not args.no_eval)
     print(f"run folder: {result.run_dir}")
     for name, path in result.files.items():
         print(f"  {name}: {path}")
@@ -107,15 +114,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_teacher(args) -> int:
+    from .teachers.training import cmd_teacher as run_teacher_command
+
+    return run_teacher_command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "eval": cmd_eval, "export": cmd_export}
+    handlers = {"generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "teacher": cmd_teacher}
     try:
         return handlers[args.command](args)
     except (ValueError, RuntimeError, FloatingPointError, OSError) as error:
         from .io import RunFolderError
 
-        user_errors = (ValueError, RunFolderError, FloatingPointError, FileNotFoundError, PermissionError)
+        from .teachers.embedded import TeacherWeightsError
+
+        user_errors = (ValueError, RunFolderError, TeacherWeightsError, FloatingPointError, FileNotFoundError,
+                       PermissionError)
         if not isinstance(error, user_errors):
             raise
         print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)

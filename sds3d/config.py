@@ -27,6 +27,9 @@ class GenerateConfig:
     num_samples: int = 48
     batch_size: int = 2
     background: float = 1.0
+    # share of training images rendered over a random solid colour instead of `background`; the
+    # oracle puts the same colour behind its data, so transparency cannot pass for white
+    random_background_prob: float = 0.5
     # cameras (degrees, scene units); views are the world's: the object faces +x, z is up
     elevation_range: tuple[float, float] = (-10.0, 60.0)
     azimuth_range: tuple[float, float] = (-180.0, 180.0)
@@ -43,6 +46,7 @@ class GenerateConfig:
     base_resolution: int = 16
     max_resolution: int = 512
     hidden_dim: int = 64
+    encoding_backend: str = "auto"  # "auto" (fused C++ op on CPU when it builds), "cpp" or "torch"
     blob_density: float = 10.0
     blob_radius: float = 0.5
     occupancy_resolution: int = 32
@@ -82,10 +86,13 @@ class GenerateConfig:
         need(self.num_samples >= 4, "num_samples", "must be >= 4")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.loss in LOSSES, "loss", f"allowed are {', '.join(LOSSES)}")
+        need(self.encoding_backend in ("auto", "cpp", "torch"), "encoding_backend", "allowed are auto, cpp, torch")
+        need(self.teacher in TEACHERS, "teacher", f"allowed are {', '.join(TEACHERS)}")
         need(self.guidance_scale >= 0, "guidance_scale", "must be >= 0")
         need(0.0 <= self.t_min < self.t_max <= 1.0, "t_max", "need 0 <= t_min < t_max <= 1")
         need(self.t_max_end is None or self.t_min <= self.t_max_end <= 1.0, "t_max_end", "need t_min <= t_max_end <= 1")
         need(0.0 <= self.albedo_prob <= 1.0, "albedo_prob", "must be in [0, 1]")
+        need(0.0 <= self.random_background_prob <= 1.0, "random_background_prob", "must be in [0, 1]")
         need(0.0 <= self.lambertian_start <= 1.0, "lambertian_start", "must be in [0, 1] (a fraction of the steps)")
         need(self.lr_encoding > 0 and self.lr_network > 0, "lr_encoding", "learning rates must be > 0")
         need(all(f in EXPORT_FORMATS for f in self.export_formats), "export_formats", f"allowed are {', '.join(EXPORT_FORMATS)}")
@@ -129,6 +136,7 @@ class GenerateConfig:
 
 
 LOSSES = ("sds",)
+TEACHERS = ("oracle", "embedded")
 EXPORT_FORMATS = ("glb", "obj", "ply")
 
 # Named presets: only the fields that differ from the defaults above.

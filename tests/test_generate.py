@@ -33,14 +33,23 @@ def test_smoke_run_writes_every_artifact(tmp_path):
     assert result.steps == 12
 
 
+class Interrupted(Exception):
+    pass
+
+
 def test_resume_continues_exactly(tmp_path):
-    """Stopping after 6 steps and resuming to 12 gives the same field as 12 steps in one go."""
-    straight = make_config("smoke", prompt="a red cube", steps=12, checkpoint_every=6)
-    generate(straight, out=tmp_path / "straight", show_progress=False)
-    half = make_config("smoke", prompt="a red cube", steps=6, checkpoint_every=6)
-    generate(half, out=tmp_path / "resumed", show_progress=False)
-    generate(make_config("smoke", prompt="a red cube", steps=12, checkpoint_every=6), out=tmp_path / "resumed",
-             resume=True, show_progress=False)
+    """A run stopped after its step-6 checkpoint and resumed ends where an uninterrupted run ends."""
+    config = make_config("smoke", prompt="a red cube", steps=12, checkpoint_every=6, preview_every=6)
+    generate(config, out=tmp_path / "straight", show_progress=False)
+
+    def stop_at_six(event):
+        if event.step == 6:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        generate(config, out=tmp_path / "resumed", callback=stop_at_six, show_progress=False)
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)["step"] == 6
+    generate(config, out=tmp_path / "resumed", resume=True, show_progress=False)
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)
     assert a["step"] == b["step"] == 12

@@ -22,6 +22,10 @@ points without grad) goes through `_HashGridInterp`, whose backward scatters the
 with one `index_add_` per level and feature instead of autograd's chain of slice-backward copies.
 Points that require grad (e.g. normals checked against autograd) go through `hash_grid_encode`
 under plain autograd: the same formulas.
+
+Backends: ``HashGridEncoding(backend=...)`` picks the implementation behind the same parameter
+(``self.table``), so state_dicts move between them: "torch" (this file), "cpp" (the fused OpenMP
+op of `sds3d.nerf.hashgrid_cpp`, JIT-built on first use) or "auto" (cpp when it builds, else torch).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import math
 
 import torch
 from torch import nn
+
+from . import hashgrid_cpp
 
 PRIMES = (1, 2654435761, 805459861)
 
@@ -184,20 +190,44 @@ class _HashGridInterp(torch.autograd.Function):
         return grad_planes.transpose(1, 2), None, None, None
 
 
+BACKENDS = ("auto", "torch", "cpp")  # "tcnn" (tiny-cuda-nn on CUDA) goes here later: see `select_backend`
+
+
+def select_backend(backend: str) -> str:
+    """The implementation for float32 CPU tensors: "torch" or "cpp" ("auto": cpp if it builds here).
+
+    "auto" never fails: without a compiler (or if the build fails) it prints one warning line and
+    takes "torch". An explicit "cpp" that cannot be built raises. A tiny-cuda-nn backend ("tcnn")
+    would be chosen here too, for CUDA tensors (`HashGridEncoding._encode` dispatches on the
+    device), with its own parameter layout converted in load_state_dict.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown hash grid backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        return "cpp" if hashgrid_cpp.available() else "torch"
+    if backend == "cpp":
+        hashgrid_cpp.load()  # raises RuntimeError naming the reason
+    return backend
+
+
 class HashGridEncoding(nn.Module):
     """Instant-NGP multiresolution hash grid: x in [0, 1]^3 (N, 3) -> features (N, L * F).
 
     Parameters live in one table ``self.table`` (L, T, F), initialised uniform(-init_scale,
-    init_scale) as in tiny-cuda-nn. ``backend`` names the implementation ("torch"); a fused
-    kernel can replace it behind the same interface and parameter layout.
+    init_scale) as in tiny-cuda-nn. ``backend`` ("torch", "cpp" or "auto") picks the implementation
+    (see `select_backend`); all share the parameter layout, so state_dicts are interchangeable.
+    "cpp" is checked (built) at construction; "auto" is settled the first time it matters, i.e. on
+    the first use with a float32 CPU table, so a module moved to a GPU never builds the CPU op. The
+    attribute ``backend`` reports the implementation in use. The fused op takes float32 CPU
+    tensors and points that need no gradient; any other call (points requiring grad, e.g. for
+    autograd normals; another device or dtype) goes through the torch path.
     """
-
-    backend = "torch"
 
     def __init__(self, n_levels: int = 16, n_features_per_level: int = 2, log2_hashmap_size: int = 19,
                  base_resolution: int = 16, per_level_scale: float = 1.447269, max_resolution: int | None = None,
-                 init_scale: float = 1e-4):
+                 init_scale: float = 1e-4, backend: str = "torch"):
         super().__init__()
+        self._backend = backend if backend == "auto" else select_backend(backend)
         if max_resolution is not None:
             per_level_scale = math.exp((math.log(max_resolution) - math.log(base_resolution)) / max(n_levels - 1, 1))
         self.n_levels, self.n_features_per_level = n_levels, n_features_per_level
@@ -211,7 +241,21 @@ class HashGridEncoding(nn.Module):
     def output_dim(self) -> int:
         return self.n_levels * self.n_features_per_level
 
+    @property
+    def backend(self) -> str:
+        if self._backend == "torch" or not (self.table.device.type == "cpu" and self.table.dtype == torch.float32):
+            return "torch"
+        return self._cpu_backend()
+
+    def _cpu_backend(self) -> str:
+        if self._backend == "auto":
+            self._backend = select_backend("auto")
+        return self._backend
+
     def _encode(self, x: torch.Tensor, with_jacobian: bool):
+        if self._backend != "torch" and hashgrid_cpp.supports(self.table, x) and self._cpu_backend() == "cpp":
+            feats, jacs = hashgrid_cpp.encode(self.table, x, self.resolutions, with_jacobian)
+            return self._unplanar(feats, jacs, x.shape[0], with_jacobian)
         # Clamped to [0, 1]; a point on a far face (x = 1) takes its value from the lower corner
         # of the cell beyond, whose other corners get weight 0.
         x3 = x.t().clamp(0.0, 1.0).contiguous()
@@ -219,7 +263,10 @@ class HashGridEncoding(nn.Module):
             feats, jacs = hash_grid_encode(self.table, x3, self._resolutions, with_jacobian)
         else:
             feats, jacs = _HashGridInterp.apply(self.table, x3, self._resolutions, with_jacobian)
-        n = x3.shape[1]
+        return self._unplanar(feats, jacs, x3.shape[1], with_jacobian)
+
+    def _unplanar(self, feats: torch.Tensor, jacs: torch.Tensor, n: int, with_jacobian: bool):
+        """(N, D) and (N, D, 3) views of the planar (L, F, N) and (L, F, 3, N) outputs."""
         features = feats.view(self.output_dim, n).t()
         if not with_jacobian:
             return features, None
@@ -239,4 +286,5 @@ class HashGridEncoding(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"levels={self.n_levels}, features={self.n_features_per_level}, table=2^{self.log2_hashmap_size}, "
-                f"resolutions={[int(r) for r in self._resolutions]}, backend={self.backend}")
+                f"resolutions={[int(r) for r in self._resolutions]}, "
+                f"backend={self._backend if self._backend == 'auto' else self.backend}")

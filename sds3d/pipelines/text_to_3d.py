@@ -52,7 +52,7 @@ class RunResult:
     metrics: dict | None = None
 
 
-WORLD_TEACHERS = ("oracle",)  # teachers that know only the prompts of the embedded world
+WORLD_TEACHERS = ("oracle", "embedded")  # teachers that know only the prompts of the embedded world
 
 
 def default_run_dir(config: GenerateConfig, root: str | Path = "outputs") -> Path:
@@ -67,15 +67,20 @@ def make_teacher(config: GenerateConfig):
         return OracleTeacher(resolution=config.teacher_resolution, views_per_bucket=config.oracle_views_per_bucket,
                              seed=0, elevation_range=config.elevation_range, distance_range=config.distance_range,
                              fovy_range=config.fovy_range)
+    if config.teacher == "embedded":
+        from ..teachers.embedded import EmbeddedTeacher
+
+        return EmbeddedTeacher.load()
     from ..config import ConfigError
 
-    raise ConfigError(f"unknown teacher {config.teacher!r}: allowed are 'oracle'")
+    raise ConfigError(f"unknown teacher {config.teacher!r}: allowed are {', '.join(WORLD_TEACHERS)}")
 
 
 def make_field(config: GenerateConfig) -> NeRFField:
     return NeRFField(n_levels=config.n_levels, log2_hashmap_size=config.log2_hashmap_size,
                      base_resolution=config.base_resolution, max_resolution=config.max_resolution,
-                     hidden_dim=config.hidden_dim, blob_density=config.blob_density, blob_radius=config.blob_radius)
+                     hidden_dim=config.hidden_dim, blob_density=config.blob_density, blob_radius=config.blob_radius,
+                     backend=config.encoding_backend)
 
 
 def make_optimizer(config: GenerateConfig, nerf: NeRFField) -> torch.optim.Optimizer:
@@ -93,6 +98,13 @@ def shading_for_step(config: GenerateConfig, step: int, generator: torch.Generat
     if step < config.lambertian_start * config.steps or draw < config.albedo_prob:
         return "albedo"
     return "lambertian"
+
+
+def sample_backgrounds(config: GenerateConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Background colours (B, 3): `config.background`, or a random colour with `random_background_prob`."""
+    colors = torch.rand(batch, 3, generator=generator)
+    use_random = torch.rand(batch, 1, generator=generator) < config.random_background_prob
+    return torch.where(use_random, colors, torch.full_like(colors, config.background))
 
 
 def view_prompts(config: GenerateConfig, views: list[str]) -> list[str]:
@@ -173,10 +185,12 @@ class TextTo3D:
                                      cfg.distance_range, cfg.fovy_range, generator=self.generator)
             shading = shading_for_step(cfg, self.step, self.generator)
             need_normals = shading != "albedo" or cfg.lambda_orientation > 0
+            backgrounds = sample_backgrounds(cfg, cfg.batch_size, self.generator)
             out = render_image(self.field, cameras, occupancy=self.occupancy, num_samples=cfg.num_samples,
-                               shading=shading, background=cfg.background, generator=self.generator,
+                               shading=shading, background=backgrounds, generator=self.generator,
                                need_normals=need_normals)
             cond = self.teacher.encode_prompt([prompts_by_view[v] for v in view_names(cameras)])
+            cond.extra["background"] = backgrounds  # used by teachers that model the background (the oracle)
             t_min, t_max = annealed_range(self.step, cfg.steps, cfg.t_min, cfg.t_max, cfg.t_max_end)
             score = sds_loss(self.teacher, out["rgb"], cond, cfg.guidance_scale, t_min, t_max, self.generator)
             loss = score.loss
@@ -248,7 +262,7 @@ class TextTo3D:
 
 
 def generate(config: GenerateConfig, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,
-             teacher=None, callback=None, show_progress: bool = True) -> RunResult:
+             teacher=None, callback=None, show_progress: bool = True, evaluate: bool = True) -> RunResult:
     """Prepare the run folder (never clobbering a user's run), save the config, optimize, export, score."""
     config.validate()
     if config.teacher in WORLD_TEACHERS:  # fail on an unknown prompt before any folder is made
@@ -258,4 +272,5 @@ def generate(config: GenerateConfig, out: str | Path | None = None, overwrite: b
     run_dir = Path(out) if out else default_run_dir(config)
     run_dir = prepare_run_folder(run_dir, overwrite=overwrite, resume=resume)
     config.save(run_dir / "config.yaml")
-    return TextTo3D(config, run_dir, teacher=teacher, callback=callback).run(resume=resume, show_progress=show_progress)
+    return TextTo3D(config, run_dir, teacher=teacher, callback=callback).run(resume=resume, show_progress=show_progress,
+                                                                               evaluate=evaluate)

@@ -110,6 +110,8 @@ class Cond:
 
     `cond` / `uncond` are whatever the teacher's network consumes (text embeddings, or for the
     oracle the index of an image bank); `prompts` keeps the text for logs and caching.
+    `extra["background"]` (B, 3), when set, is the solid background the images were rendered
+    over; teachers that model the background explicitly (the oracle) use it, networks ignore it.
     """
 
     prompts: list[str]

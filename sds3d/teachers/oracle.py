@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..nerf.cameras import OVERHEAD_ELEVATION_DEG, FRONT_HALF_ANGLE_DEG, Camera, spherical_cameras
 from .base import Cond, NoiseSchedule, cfg_combine
 
-ORACLE_VERSION = 1  # bump when world rendering changes, to invalidate disk caches
+ORACLE_VERSION = 2  # bump when world rendering changes, to invalidate disk caches
 
 
 def default_cache_dir() -> Path:
@@ -105,25 +105,30 @@ class OracleTeacher:
         return images
 
     def _render(self, scene, camera: Camera) -> torch.Tensor:
+        """Premultiplied colour and coverage (K, 4, R, R): any background can be put behind it later."""
         from ..world.render import render_scene
 
         hi = camera.with_size(self.resolution * self.supersample)
-        rgb = render_scene(scene, hi)["rgb"]
+        out = render_scene(scene, hi, background=0.0)
+        rgba = torch.cat([out["rgb"], out["mask"]], 1)
         if self.supersample > 1:
-            rgb = F.avg_pool2d(rgb, self.supersample)
-        return rgb.clamp(0, 1) * 2 - 1
+            rgba = F.avg_pool2d(rgba, self.supersample)
+        return rgba.clamp(0, 1)
 
     @classmethod
     def from_banks(cls, banks: dict[str, torch.Tensor], extra_uncond: torch.Tensor | None = None) -> "OracleTeacher":
-        """An oracle over given images (K, 3, R, R) in [-1, 1] per prompt, not over world renders."""
+        """An oracle over given opaque images (K, 3, R, R) in [-1, 1] per prompt, not over world renders."""
+        def opaque(images):
+            return torch.cat([(images + 1) / 2, torch.ones_like(images[:, :1])], 1)
+
         first = next(iter(banks.values()))
         teacher = cls(resolution=first.shape[-1], n_uncond=0, use_disk_cache=False)
-        teacher._banks = dict(banks)
-        teacher._random_bank = extra_uncond if extra_uncond is not None else first.new_zeros(0, *first.shape[1:])
+        teacher._banks = {k: opaque(v) for k, v in banks.items()}
+        teacher._random_bank = opaque(extra_uncond if extra_uncond is not None else first[:0])
         return teacher
 
     def bank(self, scene, view: str) -> torch.Tensor:
-        """Renders (K, 3, R, R) in [-1, 1] of `scene` from cameras in the `view` bucket."""
+        """Renders (K, 4, R, R) of `scene` from cameras in the `view` bucket: premultiplied RGB and coverage."""
         from ..world.captions import with_view
 
         key = with_view(scene.caption, view)
@@ -155,18 +160,23 @@ class OracleTeacher:
                     cams = bucket_cameras(view, 1, self.resolution, self.elevation_range, self.distance_range,
                                           self.fovy_range, gen)
                     images.append(self._render(scenes[scene_index], cams))
-                return torch.cat(images) if images else torch.zeros(0, 3, self.resolution, self.resolution)
+                return torch.cat(images) if images else torch.zeros(0, 4, self.resolution, self.resolution)
 
             self._random_bank = self._cached(self._cache_key("random", self.n_uncond), make)
         return self._random_bank
 
     def unconditional_data(self) -> torch.Tensor:
-        """Every image the teacher holds, flattened in float64 (kept until a new bank arrives)."""
+        """Every image (N, 4, R, R) the teacher holds (kept until a new bank arrives)."""
         count = len(self._banks)
         if getattr(self, "_uncond_cache", (None, -1))[1] != count:
-            data = torch.cat([self.random_bank(), *self._banks.values()])
-            self._uncond_cache = (data.flatten(1).double(), count)
+            self._uncond_cache = (torch.cat([self.random_bank(), *self._banks.values()]), count)
         return self._uncond_cache[0]
+
+    @staticmethod
+    def composite(rgba: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+        """Premultiplied (K, 4, R, R) over a background colour (3,) -> model space [-1, 1]."""
+        rgb = rgba[:, :3] + (1 - rgba[:, 3:]) * background.reshape(1, 3, 1, 1).to(rgba)
+        return rgb * 2 - 1
 
     # -- the Teacher protocol -----------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], negative: list[str] | None = None) -> Cond:
@@ -199,30 +209,44 @@ class OracleTeacher:
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return ((x + 1) / 2).clamp(0, 1)
 
+    def decode_bank(self, key: str, background: float = 1.0) -> torch.Tensor:
+        """A bank's images in [0, 1] over a solid background, for looking at what the teacher knows."""
+        return self.decode(self.composite(self._banks[key], torch.full((3,), float(background))))
+
     @staticmethod
     def posterior_mean(x_t: torch.Tensor, abar: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
         """E[y | x_t] over the finite set `data` (K, C, H, W), for a batch x_t (B, C, H, W), abar (B,)."""
         x = x_t.flatten(1).double()
-        y = data.flatten(1).double()  # no copy when the data are already flat float64
+        y = data.flatten(1).double()
         a = abar.double().reshape(-1, 1)
         sq = (x * x).sum(1, keepdim=True) - 2 * a.sqrt() * (x @ y.T) + a * (y * y).sum(1)[None]
         weights = torch.softmax(-sq / (2 * (1 - a)), dim=1)
         return (weights @ y).to(x_t.dtype).reshape(x_t.shape)
 
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conditional and unconditional posterior means."""
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, need_uncond: bool = True):
+        """Conditional and unconditional posterior means (the latter None unless `need_uncond`).
+
+        The data of row i are the bank images composited over row i's background,
+        `cond.extra["background"]` (B, 3), white when absent: the render and the teacher's data
+        then share their background, so a white object on white cannot hide by turning transparent.
+        """
         abar = self.schedule.abar(t)
+        background = cond.extra.get("background")
+        background = torch.ones(x_t.shape[0], 3) if background is None else torch.as_tensor(background).reshape(-1, 3)
         x0_cond = torch.empty_like(x_t)
-        for key in set(cond.cond):
-            rows = [i for i, k in enumerate(cond.cond) if k == key]
-            x0_cond[rows] = self.posterior_mean(x_t[rows], abar[rows], self._banks[key])
-        x0_uncond = self.posterior_mean(x_t, abar, self.unconditional_data()).reshape(x_t.shape)
+        x0_uncond = torch.empty_like(x_t) if need_uncond else None
+        for row, key in enumerate(cond.cond):
+            data = self.composite(self._banks[key], background[row])
+            x0_cond[row] = self.posterior_mean(x_t[row : row + 1], abar[row : row + 1], data)[0]
+            if need_uncond:
+                data = self.composite(self.unconditional_data(), background[row])
+                x0_uncond[row] = self.posterior_mean(x_t[row : row + 1], abar[row : row + 1], data)[0]
         return x0_cond, x0_uncond
 
     @torch.no_grad()
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance_scale: float = 1.0) -> torch.Tensor:
         t = t.reshape(-1).expand(x_t.shape[0])
-        x0_cond, x0_uncond = self.predict_x0(x_t, t, cond)
+        x0_cond, x0_uncond = self.predict_x0(x_t, t, cond, need_uncond=guidance_scale != 1.0)
         eps_cond = self.schedule.x0_to_eps(x_t, x0_cond, t)
         if guidance_scale == 1.0:
             return eps_cond

@@ -1,0 +1,112 @@
+// Fused CPU multiresolution hash grid (Instant-NGP) for sds3d: forward, closed-form Jacobian and
+// the backward w.r.t. the table, for both. Same parametrization and the same arithmetic, in the same
+// order, as the pure-torch encoder in sds3d/nerf/encoding.py (see that file for the conventions):
+//
+//   level l has resolution res[l] (float32); a point x in [0, 1]^3 (clamped) is scaled by it; its
+//   cell is floor(x * res) and its offset frac = x * res - floor(x * res); corner (cx, cy, cz) is
+//   hashed as (X * 1) ^ (Y * 2654435761) ^ (Z * 805459861) mod T (T a power of two, so the low bits
+//   of the uint32 products are those of the int64 ones); features are the trilinear interpolation
+//   of the 8 corners, lerped z, then y, then x.
+//
+// Layouts (all contiguous, float32):
+//   x        (N, 3)        points; gradients w.r.t. them are not computed here
+//   table    (L, T, F)     the parameter
+//   res      (L,)          level resolutions
+//   feats    (L, F, N)     "planar" (feature-major) output, as the torch encoder's
+//   jacs     (L, F, 3, N)  d feats / d x (axis-major within a feature), optional
+//
+// Parallelism (OpenMP; torch's own libgomp is the one loaded, so torch.set_num_threads applies):
+//   forward: level after level (the working set is one level's table slice), the points of a
+//   level split between the threads in blocks;
+//   backward: over levels, each level owning its table slice, so the scatter needs no atomics.
+//   (With more threads than levels, the backward leaves the extra threads idle.)
+// Compiled without OpenMP the pragmas are ignored and both run on one thread.
+//
+// This file: argument checks, allocation and the Python bindings. The kernels are in
+// hashgrid_kernels.cpp (no torch headers: the two files compile in parallel).
+
+// Lighter than <torch/extension.h> (the whole C++ frontend), which would double the build time.
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "hashgrid_kernels.h"
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace {
+
+void check_resolutions(const at::Tensor& res, int64_t L) {
+  TORCH_CHECK(res.device().is_cpu() && res.scalar_type() == at::kFloat && res.dim() == 1 && res.size(0) == L &&
+                  res.is_contiguous(), "hashgrid: resolutions must be a contiguous float32 (L,) on the CPU");
+  const float* r = res.data_ptr<float>();
+  for (int64_t l = 0; l < L; ++l)
+    TORCH_CHECK(r[l] >= 0.f && r[l] <= 16777216.f, "hashgrid: resolutions must lie in [0, 2^24]");
+}
+
+void check_table_size(int64_t T) {
+  TORCH_CHECK(T > 0 && (T & (T - 1)) == 0 && T <= (int64_t(1) << 32),
+              "hashgrid: table size must be a power of two <= 2^32");
+}
+
+void check_points(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == 3 &&
+                  x.is_contiguous(), "hashgrid: points must be a contiguous float32 (N, 3) on the CPU");
+}
+
+// Returns (feats (L, F, N), jacs (L, F, 3, N) or an empty tensor).
+std::vector<at::Tensor> hashgrid_forward(const at::Tensor& x, const at::Tensor& table, const at::Tensor& res,
+                                         bool with_jacobian) {
+  check_points(x);
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kFloat && table.dim() == 3 && table.is_contiguous(),
+              "hashgrid: table must be a contiguous float32 (L, T, F) on the CPU");
+  check_table_size(table.size(1));
+  check_resolutions(res, table.size(0));
+  const int64_t N = x.size(0), L = table.size(0), F = table.size(2);
+  auto opts = table.options();
+  at::Tensor feats = at::empty({L, F, N}, opts);
+  at::Tensor jacs = with_jacobian ? at::empty({L, F, 3, N}, opts) : at::empty({0}, opts);
+  sds3d_hashgrid::forward(x.data_ptr<float>(), N, table.data_ptr<float>(), L, table.size(1), F, res.data_ptr<float>(),
+                          feats.data_ptr<float>(), with_jacobian ? jacs.data_ptr<float>() : nullptr);
+  return {feats, jacs};
+}
+
+// Gradient w.r.t. the table (L, T, F) from the gradients of feats (L, F, N) and/or jacs (L, F, 3, N).
+at::Tensor hashgrid_backward(const at::Tensor& x, const at::Tensor& res, int64_t table_size, int64_t n_features,
+                             const std::optional<at::Tensor>& grad_feats, const std::optional<at::Tensor>& grad_jacs) {
+  const int64_t N = x.size(0), L = res.size(0), T = table_size, F = n_features;
+  check_points(x);
+  check_table_size(T);
+  check_resolutions(res, L);
+  TORCH_CHECK(F > 0, "hashgrid: n_features must be positive");
+  const float* gf = nullptr;
+  const float* gj = nullptr;
+  at::Tensor gfc, gjc;
+  if (grad_feats && grad_feats->defined()) {
+    gfc = grad_feats->to(at::kFloat).contiguous();
+    TORCH_CHECK(gfc.numel() == L * F * N, "hashgrid: grad_feats must be (L, F, N)");
+    gf = gfc.data_ptr<float>();
+  }
+  if (grad_jacs && grad_jacs->defined()) {
+    gjc = grad_jacs->to(at::kFloat).contiguous();
+    TORCH_CHECK(gjc.numel() == L * F * 3 * N, "hashgrid: grad_jacs must be (L, F, 3, N)");
+    gj = gjc.data_ptr<float>();
+  }
+  at::Tensor grad = at::empty({L, T, F}, x.options());
+  sds3d_hashgrid::backward(x.data_ptr<float>(), N, L, T, F, res.data_ptr<float>(), gf, gj, grad.data_ptr<float>());
+  return grad;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sds3d fused CPU hash grid (forward, Jacobian, table backward)";
+  m.def("forward", &hashgrid_forward, "features (L, F, N) and Jacobian (L, F, 3, N)", py::arg("x"), py::arg("table"),
+        py::arg("resolutions"), py::arg("with_jacobian"), py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &hashgrid_backward, "table gradient (L, T, F)", py::arg("x"), py::arg("resolutions"),
+        py::arg("table_size"), py::arg("n_features"), py::arg("grad_feats"), py::arg("grad_jacs"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("openmp_threads", &sds3d_hashgrid::openmp_threads,
+        "threads an OpenMP region would use (0: built without OpenMP)");
+}

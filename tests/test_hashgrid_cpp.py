@@ -1,0 +1,226 @@
+"""The fused C++ hash grid (backend "cpp") against the pure-torch encoder.
+
+The first test to use the extension builds it into the cache ($SDS3D_CACHE or ~/.cache/sds3d/ext;
+about 15-30 s on 2 cores, once); the tests skip only where no C++ compiler is present.
+"""
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sds3d.nerf import hashgrid_cpp
+from sds3d.nerf.encoding import HashGridEncoding
+from sds3d.nerf.field import CPU_FAST_ENCODING, NeRFField
+
+HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++").split()[0]) is not None
+
+ODD_CONFIGS = {
+    # non-power-of-two resolutions 3, 5, 8 and a table small enough that every level collides
+    "F=1": dict(n_levels=3, n_features_per_level=1, log2_hashmap_size=7, base_resolution=3, per_level_scale=1.7),
+    "F=4": dict(n_levels=4, n_features_per_level=4, log2_hashmap_size=9, base_resolution=5, max_resolution=37),
+    "F=3": dict(n_levels=2, n_features_per_level=3, log2_hashmap_size=6, base_resolution=7, max_resolution=11),
+    "cpu-fast": CPU_FAST_ENCODING,
+    "default": dict(),
+}
+
+
+@pytest.fixture(scope="module")
+def cpp_ready():
+    if not HAS_COMPILER:
+        pytest.skip(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on this machine: the cpp backend cannot build")
+    hashgrid_cpp.load()  # a compiler that fails to build the extension is a failure, not a skip
+
+
+def encoder_pair(config, seed=0):
+    """(torch, cpp) encoders with the same visible table (uniform(-1, 1), not the 1e-4 init)."""
+    torch.manual_seed(seed)
+    ref = HashGridEncoding(**config, backend="torch")
+    with torch.no_grad():
+        ref.table.uniform_(-1.0, 1.0)
+    fused = HashGridEncoding(**config, backend="cpp")
+    fused.load_state_dict(ref.state_dict())
+    assert ref.backend == "torch" and fused.backend == "cpp"
+    return ref, fused
+
+
+def probe_points(enc, n_random=700, seed=1):
+    """Random points, the cube's corners and faces, points on every level's lattice planes, outside points."""
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.rand(n_random, 3, generator=g)]
+    x.append(torch.tensor([[a, b, c] for a in (0.0, 1.0) for b in (0.0, 1.0) for c in (0.0, 1.0)]))
+    for res in enc.resolutions.tolist():
+        k = torch.randint(0, int(res) + 1, (20, 3), generator=g).float()
+        on_planes = k / res  # cell boundaries of this level (as close as float32 gets)
+        mixed = torch.where(torch.rand(20, 3, generator=g) < 0.5, on_planes, torch.rand(20, 3, generator=g))
+        x += [on_planes, mixed]
+    x.append(torch.tensor([[-0.25, 0.5, 1.5], [1e-8, 1 - 1e-7, 0.5], [2.0, -1.0, 0.0]]))  # clamped
+    return torch.cat(x)
+
+
+
+def grad_close(actual, expected):
+    # Sums of the same terms in another order: float tolerance relative to the gradient's scale.
+    scale = expected.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", list(ODD_CONFIGS))
+def test_features_jacobian_and_table_gradients_match_torch(cpp_ready, name):
+    ref, fused = encoder_pair(ODD_CONFIGS[name])
+    x = probe_points(ref)
+    d = ref.output_dim
+    v, vj = torch.randn(x.shape[0], d), torch.randn(x.shape[0], d, 3)
+
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-6, atol=1e-6)
+
+    outputs, grads = {}, {}
+    for label, enc in (("torch", ref), ("cpp", fused)):
+        feats, jac = enc.forward_with_jacobian(x)
+        assert feats.shape == (x.shape[0], d) and jac.shape == (x.shape[0], d, 3)
+        outputs[label] = feats.detach(), jac.detach()
+        for loss_name, loss in (("features", (feats * v).sum()), ("jacobian", (jac * vj).sum()),
+                                ("both", (feats * v).sum() + (jac * vj).sum())):
+            enc.table.grad = None
+            loss.backward(retain_graph=True)
+            grads[label, loss_name] = enc.table.grad.clone()
+        enc.table.grad = None
+        (enc(x) * v).sum().backward()  # forward() without the Jacobian
+        grads[label, "forward"] = enc.table.grad.clone()
+
+    (feats, jac), (ref_feats, ref_jac) = outputs["cpp"], outputs["torch"]
+    torch.testing.assert_close(feats, ref_feats, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(jac, ref_jac, rtol=1e-5, atol=1e-5 * ref_jac.abs().max().item())
+    for loss_name in ("features", "jacobian", "both", "forward"):
+        grad_close(grads["cpp", loss_name], grads["torch", loss_name])
+    grad_close(grads["cpp", "forward"], grads["cpp", "features"])
+
+def test_field_outputs_and_gradients_match_torch(cpp_ready):
+    """NeRFField on both backends: density, albedo, normals and every parameter's gradient."""
+    torch.manual_seed(0)
+    fields = {b: NeRFField(encoding=HashGridEncoding(**CPU_FAST_ENCODING, backend=b)) for b in ("torch", "cpp")}
+    with torch.no_grad():
+        fields["torch"].encoding.table.uniform_(-0.1, 0.1)
+    fields["cpp"].load_state_dict(fields["torch"].state_dict())
+    x = torch.rand(3000, 3) * 2 - 1
+    out, grads = {}, {}
+    for b, field in fields.items():
+        out[b] = field(x, with_normals=True)
+        loss = out[b]["density"].sum() + out[b]["albedo"].square().sum() + (out[b]["normal"] * x).sum()
+        loss.backward()
+        grads[b] = {k: p.grad for k, p in field.named_parameters()}
+    for k in ("density", "albedo", "normal"):
+        torch.testing.assert_close(out["cpp"][k], out["torch"][k], rtol=1e-5, atol=1e-5)
+    for k in grads["torch"]:
+        grad_close(grads["cpp"][k], grads["torch"][k])
+
+
+def test_state_dict_round_trip_between_backends(cpp_ready):
+    config = ODD_CONFIGS["F=4"]
+    x = probe_points(HashGridEncoding(**config, backend="torch"))
+    for source, target in (("cpp", "torch"), ("torch", "cpp")):
+        torch.manual_seed(3)
+        a = HashGridEncoding(**config, backend=source)
+        with torch.no_grad():
+            a.table.normal_()
+        buffer = io.BytesIO()
+        torch.save(a.state_dict(), buffer)
+        buffer.seek(0)
+        b = HashGridEncoding(**config, backend=target)
+        b.load_state_dict(torch.load(buffer))
+        assert list(a.state_dict()) == list(b.state_dict()) == ["table"]
+        assert b.backend == target
+        with torch.no_grad():
+            torch.testing.assert_close(b(x), a(x), rtol=1e-6, atol=1e-6)
+
+
+def test_thread_count_does_not_change_results(cpp_ready):
+    _, fused = encoder_pair(ODD_CONFIGS["cpu-fast"])
+    x = torch.rand(5000, 3)
+    v, vj = torch.randn(5000, fused.output_dim), torch.randn(5000, fused.output_dim, 3)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fused.table.grad = None
+            feats, jac = fused.forward_with_jacobian(x)
+            ((feats * v).sum() + (jac * vj).sum()).backward()
+            results.append((feats.detach(), jac.detach(), fused.table.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)  # each level's scatter is serial: deterministic
+
+
+def test_points_requiring_grad_use_the_torch_path(cpp_ready):
+    ref, fused = encoder_pair(ODD_CONFIGS["F=4"])
+    x = torch.rand(50, 3)
+    grads = []
+    for enc in (ref, fused):
+        xg = x.clone().requires_grad_()
+        enc(xg).sum().backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_edge_inputs(cpp_ready):
+    ref, fused = encoder_pair(ODD_CONFIGS["F=1"])
+    assert fused(torch.zeros(0, 3)).shape == (0, 3)
+    feats, jac = fused.forward_with_jacobian(torch.zeros(0, 3))
+    assert feats.shape == (0, 3) and jac.shape == (0, 3, 3)
+    nan = torch.tensor([[float("nan"), 0.5, 0.5]])
+    assert fused(nan).isnan().all() and ref(nan).isnan().all()
+    assert fused(torch.rand(10, 3, dtype=torch.float64)).dtype == torch.float64  # float64 points: torch path
+
+
+def test_torch_backend_never_builds(tmp_path):
+    """Importing sds3d and using backend="torch" (the default) compiles and loads nothing."""
+    code = (
+        "import torch, sds3d, sds3d.cli, sds3d.nerf.field\n"
+        "from sds3d.nerf import hashgrid_cpp\n"
+        "from sds3d.nerf.encoding import HashGridEncoding\n"
+        "enc = HashGridEncoding(n_levels=2, log2_hashmap_size=8)\n"
+        "feats, jac = enc.forward_with_jacobian(torch.rand(10, 3))\n"
+        "(feats.sum() + jac.sum()).backward()\n"
+        "assert enc.backend == 'torch' and not hashgrid_cpp._tried and not hashgrid_cpp.is_built()\n"
+    )
+    env = dict(os.environ, SDS3D_CACHE=str(tmp_path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    assert not (tmp_path / "ext").exists()
+
+
+def test_missing_compiler_falls_back_with_one_warning_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDS3D_CACHE", str(tmp_path))  # no cached build to import
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(hashgrid_cpp, "_tried", False)
+    monkeypatch.setattr(hashgrid_cpp, "_module", None)
+    monkeypatch.setattr(hashgrid_cpp, "_error", None)
+    monkeypatch.setattr(hashgrid_cpp, "_warned", False)
+    enc = HashGridEncoding(n_levels=2, log2_hashmap_size=8, backend="auto")
+    assert enc.backend == "torch"
+    assert HashGridEncoding(n_levels=2, log2_hashmap_size=8, backend="auto").backend == "torch"  # no second line
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no-such-compiler" in err and "pure-torch encoder" in err
+    with pytest.raises(RuntimeError, match="no-such-compiler"):
+        HashGridEncoding(n_levels=2, log2_hashmap_size=8, backend="cpp")
+    with pytest.raises(ValueError):
+        HashGridEncoding(backend="tcnn")
+
+
+def test_a_killed_build_does_not_block_the_next(tmp_path, monkeypatch):
+    """torch's lock file, left by a killed build, is removed once stale instead of waited on forever."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    os.utime(lock, (0, 0))
+    hashgrid_cpp._wait_for_other_build(lock)
+    assert not lock.exists()
+    lock.touch()  # a build in progress: waited on until it is stale too
+    monkeypatch.setattr(hashgrid_cpp, "STALE_LOCK_SECONDS", 0.3)
+    hashgrid_cpp._wait_for_other_build(lock)
+    assert not lock.exists()
