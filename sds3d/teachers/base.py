@@ -144,6 +144,19 @@ class Teacher(Protocol):
         """Guided noise prediction, diffusers convention: uncond + s * (cond - uncond)."""
 
 
+def pixels_to_model(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Images in [0, 1] at any size -> a pixel teacher's space: resized (antialiased) to its resolution, in [-1, 1]."""
+    if images.shape[-1] != resolution or images.shape[-2] != resolution:
+        images = torch.nn.functional.interpolate(images, (resolution, resolution), mode="bilinear",
+                                                 align_corners=False, antialias=True)
+    return images * 2 - 1
+
+
+def model_to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """A pixel teacher's space [-1, 1] -> images in [0, 1]."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
 def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance as diffusers writes it."""
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)

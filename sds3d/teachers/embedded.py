@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Cond, NoiseSchedule, cfg_combine
+from .base import Cond, NoiseSchedule, cfg_combine, model_to_pixels, pixels_to_model
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "teacher"
 WEIGHTS_FILE = "model.safetensors"
@@ -252,13 +252,10 @@ class EmbeddedTeacher:
 
     # -- images -------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
-            images = F.interpolate(images, (self.resolution, self.resolution), mode="bilinear", align_corners=False,
-                                   antialias=True)
-        return images * 2 - 1
+        return pixels_to_model(images, self.resolution)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x + 1) / 2).clamp(0, 1)
+        return model_to_pixels(x)
 
     # -- denoising ----------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

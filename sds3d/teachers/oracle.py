@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nerf.cameras import OVERHEAD_ELEVATION_DEG, FRONT_HALF_ANGLE_DEG, Camera, spherical_cameras
-from .base import Cond, NoiseSchedule, cfg_combine
+from .base import Cond, NoiseSchedule, cfg_combine, model_to_pixels, pixels_to_model
 
 ORACLE_VERSION = 2  # bump when world rendering changes, to invalidate disk caches
 
@@ -201,13 +201,10 @@ class OracleTeacher:
         return Cond(prompts=list(prompts), cond=keys, uncond=None)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
-            images = F.interpolate(images, (self.resolution, self.resolution), mode="bilinear", align_corners=False,
-                                   antialias=True)
-        return images * 2 - 1
+        return pixels_to_model(images, self.resolution)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x + 1) / 2).clamp(0, 1)
+        return model_to_pixels(x)
 
     def decode_bank(self, key: str, background: float = 1.0) -> torch.Tensor:
         """A bank's images in [0, 1] over a solid background, for looking at what the teacher knows."""
