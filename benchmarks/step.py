@@ -21,10 +21,12 @@ def main():
     parser.add_argument("--prompt", default="a red cube")
     parser.add_argument("--resolution", type=int, nargs="+", default=[32, 48, 64])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--shading", default="albedo")
+    parser.add_argument("--shading", default="lambertian")
+    parser.add_argument("--encoding-backend", default="auto", choices=["auto", "cpp", "torch"])
     args = parser.parse_args()
     for resolution in args.resolution:
-        cfg = make_config(args.preset, prompt=args.prompt, render_resolution=resolution)
+        cfg = make_config(args.preset, prompt=args.prompt, render_resolution=resolution,
+                          encoding_backend=args.encoding_backend)
         torch.manual_seed(0)
         field, teacher = make_field(cfg), make_teacher(cfg)
         optimizer = make_optimizer(cfg, field)
@@ -54,7 +56,7 @@ def main():
                 for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                     times[k].append(v)
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        print(f"{resolution}x{resolution} batch {cfg.batch_size} {args.shading}: " +
+        print(f"{resolution}x{resolution} batch {cfg.batch_size} {args.shading} {field.encoding.backend}: " +
               "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items()), flush=True)
 
 

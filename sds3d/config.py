@@ -21,25 +21,29 @@ class GenerateConfig:
     seed: int = 0
     preset: str = "cpu-fast"
     teacher: str = "oracle"
-    steps: int = 600
+    steps: int = 800
     # rendering during optimization
-    render_resolution: int = 48
+    render_resolution: int = 64
     num_samples: int = 48
     batch_size: int = 2
     background: float = 1.0
     # share of training images rendered over a random solid colour instead of `background`; the
     # oracle puts the same colour behind its data, so transparency cannot pass for white
     random_background_prob: float = 0.5
-    # cameras (degrees, scene units); views are the world's: the object faces +x, z is up
+    # cameras (degrees, scene units); views are the world's: the object faces +x, z is up. Distance
+    # and field of view are fixed by default: the oracle's nearest renders then differ from a
+    # training view only in direction, which measurably sharpens the result (IoU +0.02-0.03).
     elevation_range: tuple[float, float] = (-10.0, 60.0)
     azimuth_range: tuple[float, float] = (-180.0, 180.0)
-    distance_range: tuple[float, float] = (2.5, 3.0)
-    fovy_range: tuple[float, float] = (40.0, 50.0)
+    distance_range: tuple[float, float] = (2.75, 2.75)
+    fovy_range: tuple[float, float] = (45.0, 45.0)
     view_dependent_prompting: bool = True
     # shading: albedo only until `lambertian_start`, then albedo with probability `albedo_prob`,
-    # otherwise lambertian (DreamFusion's random shading, which makes geometry carry the shading)
-    albedo_prob: float = 0.5
-    lambertian_start: float = 0.25
+    # otherwise lambertian (DreamFusion's random shading). The world's teachers saw Lambertian
+    # renders under the same light rule, so always shading (albedo_prob 0) is the consistent
+    # choice for them: albedo-only renders get pulled toward shaded images and turn grey.
+    albedo_prob: float = 0.0
+    lambertian_start: float = 0.0
     # field
     n_levels: int = 12
     log2_hashmap_size: int = 17
@@ -56,16 +60,16 @@ class GenerateConfig:
     lr_network: float = 0.001
     # score distillation
     loss: str = "sds"
-    guidance_scale: float = 3.0
+    guidance_scale: float = 1.0  # the oracle needs no guidance; a diffusers teacher wants ~100 for SDS
     t_min: float = 0.02
     t_max: float = 0.98
     t_max_end: float | None = 0.5
     lambda_orientation: float = 0.01
     lambda_sparsity: float = 0.0
-    lambda_opacity_entropy: float = 0.0
+    lambda_opacity_entropy: float = 50.0  # pushes pixel opacity to 0 or 1: crisp silhouettes
     # teacher (oracle) data
     teacher_resolution: int = 64
-    oracle_views_per_bucket: int = 64
+    oracle_views_per_bucket: int = 192
     # outputs
     preview_every: int = 100
     checkpoint_every: int = 200
@@ -142,9 +146,8 @@ EXPORT_FORMATS = ("glb", "obj", "ply")
 # Named presets: only the fields that differ from the defaults above.
 PRESETS: dict[str, dict] = {
     "cpu-fast": {},
-    "cpu-quality": {"steps": 2000, "render_resolution": 64, "num_samples": 64, "n_levels": 16,
-                    "log2_hashmap_size": 19, "max_resolution": 2048, "export_resolution": 192},
-    "smoke": {"steps": 20, "render_resolution": 24, "num_samples": 24, "batch_size": 1, "preview_every": 10,
+    "cpu-quality": {"steps": 1600, "num_samples": 64, "export_resolution": 192},
+    "smoke": {"steps": 20, "render_resolution": 32, "num_samples": 24, "batch_size": 1, "preview_every": 10,
               "checkpoint_every": 10, "export_resolution": 48, "turntable_frames": 4, "turntable_resolution": 32,
               "oracle_views_per_bucket": 8, "teacher_resolution": 32},
 }

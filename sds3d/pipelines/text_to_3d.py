@@ -159,7 +159,7 @@ class TextTo3D:
         """Four views around the object, side by side: (3, H, 4W)."""
         with torch.no_grad():
             out = render_image(self.field, orbit_cameras(4, resolution), occupancy=self.occupancy,
-                               num_samples=self.config.num_samples, shading="albedo", background=self.config.background)
+                               num_samples=self.config.num_samples, shading="lambertian", background=self.config.background)
         return torch.cat(list(out["rgb"].clamp(0, 1)), dim=-1)
 
     def train(self, resume: bool = False, show_progress: bool = True) -> None:
@@ -229,7 +229,7 @@ class TextTo3D:
         def render_fn(camera):
             with torch.no_grad():
                 return render_image(self.field, camera, occupancy=self.occupancy, num_samples=cfg.num_samples,
-                                    shading="albedo", background=cfg.background)
+                                    shading="lambertian", background=cfg.background)
 
         files["turntable"] = write_turntable(render_fn, self.run_dir / "turntable.mp4", n_frames=cfg.turntable_frames,
                                              resolution=cfg.turntable_resolution)
