@@ -46,8 +46,10 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class RenderSpec:
-    """What to render. Camera ranges default to `sds3d generate`'s; `overhead_fraction` of the
-    cameras instead come from `overhead_elevation_range` (labelled 'overhead')."""
+    """What to render. Camera ranges are those `sds3d generate` accepts by default (a superset of
+    its fixed default distance 2.75 and fovy 45, so the teacher also knows the views a user may
+    ask for); `overhead_fraction` of the cameras instead come from `overhead_elevation_range`
+    (labelled 'overhead')."""
 
     resolution: int = 32
     views_per_scene: int = 256

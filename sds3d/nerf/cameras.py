@@ -16,7 +16,6 @@ Conventions (the same everywhere, so that a world render and a NeRF render from 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

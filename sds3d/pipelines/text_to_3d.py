@@ -13,7 +13,6 @@ A run lives in its own folder:
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
