@@ -153,10 +153,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Settings that depend on the teacher, applied between the preset and explicit overrides. The
+# embedded network saw only white backgrounds and, like every network, wants guidance.
+TEACHER_DEFAULTS: dict[str, dict] = {
+    "oracle": {},
+    "embedded": {"random_background_prob": 0.0, "guidance_scale": 3.0},
+}
+
+
 def make_config(preset: str = "cpu-fast", **overrides) -> GenerateConfig:
-    """A validated config from a preset plus explicit overrides (None values are ignored)."""
+    """A validated config from a preset, the teacher's defaults and explicit overrides (None values are ignored)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: allowed are {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     values = dict(PRESETS[preset], preset=preset)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(TEACHER_DEFAULTS.get(overrides.get("teacher", values.get("teacher", "oracle")), {}))
+    values.update(overrides)
     return GenerateConfig.from_dict(values).validate()

@@ -30,3 +30,10 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
     assert run.exists() and not any(run.iterdir())
     with pytest.raises(RunFolderError, match="does not exist"):
         prepare_run_folder(tmp_path / "never-made", resume=True)
+
+
+def test_teacher_defaults_sit_between_preset_and_overrides():
+    assert make_config("cpu-fast", prompt="a").random_background_prob == 0.5
+    embedded = make_config("cpu-fast", prompt="a", teacher="embedded")
+    assert embedded.random_background_prob == 0.0 and embedded.guidance_scale == 3.0
+    assert make_config("cpu-fast", prompt="a", teacher="embedded", guidance_scale=5.0).guidance_scale == 5.0
