@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from .io import lists_to_tuples, tuples_to_lists
 
 
 class ConfigError(ValueError):
@@ -112,7 +113,7 @@ class GenerateConfig:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        return tuples_to_lists(out)
 
     @classmethod
     def from_dict(cls, values: dict) -> "GenerateConfig":
@@ -120,7 +121,7 @@ class GenerateConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f"unknown config field(s) {', '.join(unknown)}: see `sds3d generate --help` for the allowed ones")
-        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        fixed = lists_to_tuples(values)
         return cls(**fixed)
 
     def save(self, path: str | Path) -> None:

@@ -13,6 +13,16 @@ class RunFolderError(RuntimeError):
     """The run folder cannot be used as asked; the message says what to do."""
 
 
+def tuples_to_lists(values: dict) -> dict:
+    """A dataclass's dict ready for YAML/JSON: tuples become lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def lists_to_tuples(values: dict) -> dict:
+    """The inverse of `tuples_to_lists`, for frozen, hashable dataclass fields."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
 def slugify(text: str, max_length: int = 48) -> str:
     """'A red cube!' -> 'a-red-cube'."""
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")

@@ -34,6 +34,7 @@ from ..io import atomic_path
 from ..nerf.cameras import VIEW_NAMES, spherical_cameras, view_name
 from ..world.captions import bare_caption, captions, nouns, paraphrases, with_view
 from ..world.scenes import CATEGORIES, COLORS, DEFAULT_COLORS, Scene, all_scenes, held_out_combinations
+from ..io import lists_to_tuples, tuples_to_lists
 
 DATASET_VERSION = 1  # bump when world rendering or this file's sampling changes
 COLOR_NAMES = tuple(COLORS)
@@ -63,12 +64,12 @@ class RenderSpec:
     overhead_elevation_range: tuple[float, float] = (61.0, 89.0)
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        return tuples_to_lists(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> "RenderSpec":
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known})
+        return cls(**lists_to_tuples({k: v for k, v in data.items() if k in known}))
 
 
 def is_held_out(category: str, color: str) -> bool:

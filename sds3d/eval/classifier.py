@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..nerf.cameras import VIEW_NAMES
 from ..world.scenes import CATEGORIES, COLORS
+from ..io import lists_to_tuples, tuples_to_lists
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 WEIGHTS_PATH = ASSET_DIR / "classifier.safetensors"
@@ -44,12 +45,12 @@ class ClassifierConfig:
     feature_dim: int = 128
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        return tuples_to_lists(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClassifierConfig":
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known})
+        return cls(**lists_to_tuples({k: v for k, v in data.items() if k in known}))
 
 
 class WorldClassifier(nn.Module):

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Cond, NoiseSchedule, cfg_combine, model_to_pixels, pixels_to_model
+from ..io import lists_to_tuples, tuples_to_lists
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "teacher"
 WEIGHTS_FILE = "model.safetensors"
@@ -46,11 +47,11 @@ class NetConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "NetConfig":
         known = {f for f in cls.__dataclass_fields__}
-        data = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
+        data = lists_to_tuples({k: v for k, v in data.items() if k in known})
         return cls(**data)
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        return tuples_to_lists(asdict(self))
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
