@@ -19,13 +19,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="cpu-fast")
     parser.add_argument("--prompt", default="a red cube")
+    parser.add_argument("--teacher", default=None, help="embedded (default), oracle, ...")
     parser.add_argument("--resolution", type=int, nargs="+", default=[32, 48, 64])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--shading", default="lambertian")
     parser.add_argument("--encoding-backend", default="auto", choices=["auto", "cpp", "torch"])
     args = parser.parse_args()
     for resolution in args.resolution:
-        cfg = make_config(args.preset, prompt=args.prompt, render_resolution=resolution,
+        cfg = make_config(args.preset, prompt=args.prompt, teacher=args.teacher, render_resolution=resolution,
                           encoding_backend=args.encoding_backend)
         torch.manual_seed(0)
         field, teacher = make_field(cfg), make_teacher(cfg)
@@ -34,7 +35,8 @@ def main():
         occupancy.update(field)
         prompts = dict(zip(VIEW_NAMES, view_prompts(cfg, list(VIEW_NAMES))))
         teacher.encode_prompt(list(prompts.values()))
-        teacher.unconditional_data()
+        if hasattr(teacher, "unconditional_data"):  # the oracle builds its image banks up front
+            teacher.unconditional_data()
         g = torch.Generator().manual_seed(0)
         times = {"render": [], "teacher": [], "backward": [], "total": []}
         for step in range(args.steps + 3):
@@ -42,7 +44,7 @@ def main():
             cams = sample_cameras(cfg.batch_size, resolution, cfg.elevation_range, cfg.azimuth_range,
                                   cfg.distance_range, cfg.fovy_range, generator=g)
             out = render_image(field, cams, occupancy=occupancy, num_samples=cfg.num_samples, shading=args.shading,
-                               generator=g, need_normals=args.shading != "albedo" or cfg.lambda_orientation > 0)
+                               generator=g, early_stop_eps=cfg.early_stop_eps, need_normals=args.shading != "albedo" or cfg.lambda_orientation > 0)
             t1 = time.perf_counter()
             cond = teacher.encode_prompt([prompts[v] for v in view_names(cams)])
             loss = sds_loss(teacher, out["rgb"], cond, cfg.guidance_scale, cfg.t_min, cfg.t_max, g).loss

@@ -32,8 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--steps", type=int, default=None)
     gen.add_argument("--teacher", default=None,
-                     help="oracle (default: the exact denoiser of world renders) or embedded (the shipped network)")
+                     help="oracle | embedded | PATH_OR_HUB_ID: the exact denoiser of world renders, the shipped network "
+                          "(default), or a diffusers Stable Diffusion 1.x/2.x / DeepFloyd IF folder or hub id")
+    gen.add_argument("--loss", default=None, help="sds (default), vsd (ProlificDreamer, trains a LoRA) or nfsd")
     gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.add_argument("--negative-prompt", default=None, help="unconditional text for network teachers")
     gen.add_argument("--render-resolution", type=int, default=None)
     gen.add_argument("--batch-size", type=int, default=None)
     gen.add_argument("--encoding-backend", default=None, help="auto (default), cpp or torch")
@@ -75,8 +78,8 @@ def cmd_generate(args) -> int:
     from .config import GenerateConfig, make_config
     from .pipelines.text_to_3d import default_run_dir, generate
 
-    overrides = dict(prompt=args.prompt, seed=args.seed, steps=args.steps, teacher=args.teacher,
-                     guidance_scale=args.guidance_scale, render_resolution=args.render_resolution,
+    overrides = dict(prompt=args.prompt, seed=args.seed, steps=args.steps, teacher=args.teacher, loss=args.loss,
+                     guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, render_resolution=args.render_resolution,
                      batch_size=args.batch_size, encoding_backend=args.encoding_backend, elevation_range=args.elevation_range,
                      distance_range=args.distance_range)
     config = make_config(args.preset, **overrides)
@@ -128,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, FloatingPointError, OSError) as error:
         from .io import RunFolderError
 
+        from .teachers.diffusers import TeacherLoadError
         from .teachers.embedded import TeacherWeightsError
 
-        user_errors = (ValueError, RunFolderError, TeacherWeightsError, FloatingPointError, FileNotFoundError,
-                       PermissionError)
+        user_errors = (ValueError, RunFolderError, TeacherWeightsError, TeacherLoadError, FloatingPointError,
+                       FileNotFoundError, PermissionError)
         if not isinstance(error, user_errors):
             raise
         print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)

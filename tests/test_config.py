@@ -33,7 +33,9 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
 
 
 def test_teacher_defaults_sit_between_preset_and_overrides():
-    assert make_config("cpu-fast", prompt="a").random_background_prob == 0.5
-    embedded = make_config("cpu-fast", prompt="a", teacher="embedded")
-    assert embedded.random_background_prob == 0.0 and embedded.guidance_scale == 3.0
-    assert make_config("cpu-fast", prompt="a", teacher="embedded", guidance_scale=5.0).guidance_scale == 5.0
+    default = make_config("cpu-fast", prompt="a")
+    assert default.teacher == "embedded"
+    assert default.random_background_prob == 0.0 and default.guidance_scale == 3.0
+    oracle = make_config("cpu-fast", prompt="a", teacher="oracle")
+    assert oracle.random_background_prob == 0.5 and oracle.guidance_scale == 1.0
+    assert make_config("cpu-fast", prompt="a", teacher="oracle", guidance_scale=5.0).guidance_scale == 5.0

@@ -122,6 +122,39 @@ def test_occupancy_skipping_leaves_the_image_unchanged():
     assert 0.1 < float(images[1]["opacity"].detach().mean()) < 0.9
 
 
+class CountingField(BallField):
+    """A BallField that counts the points it evaluates with normals (the full, differentiable pass)."""
+
+    full_points = 0
+
+    def forward(self, x, with_normals=False):
+        if with_normals:
+            self.full_points += x.shape[0]
+        return super().forward(x, with_normals)
+
+
+def test_early_ray_termination_bounds_the_change_and_skips_hidden_samples():
+    """Dropping samples with transmittance T < eps moves each pixel by at most 2 eps (their colour
+    weight and their share of the background are both below T), and the gradient hardly moves."""
+    eps = 1e-3
+    camera = spherical_cameras(20.0, [30.0, 200.0], 2.5, 45.0, 24)
+    outs, grads, counts = [], [], []
+    grid = OccupancyGrid(resolution=32)
+    grid.update(CountingField(sigma=30.0, rho=0.5, cube=True), generator=torch.Generator().manual_seed(0))
+    for early_stop_eps in (0.0, eps):
+        field = CountingField(sigma=30.0, rho=0.5, cube=True)  # opaque: T ~ e^-30 per unit length
+        out = render_image(field, camera, shading="lambertian", num_samples=64, early_stop_eps=early_stop_eps,
+                           occupancy=grid, generator=torch.Generator().manual_seed(3))
+        out["rgb"].sum().backward()
+        outs.append(out)
+        grads.append(field.scale.grad.clone())
+        counts.append(field.full_points)
+    assert (outs[0]["rgb"] - outs[1]["rgb"]).abs().max() <= 2 * eps
+    assert (outs[0]["opacity"] - outs[1]["opacity"]).abs().max() <= eps
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-2, atol=0)
+    assert counts[1] < 0.5 * counts[0], counts  # most samples inside the cube are hidden
+
+
 def test_occupancy_grid_update_schedule_and_ema():
     field = BallField(sigma=3.0, rho=0.5, cube=True)
     grid = OccupancyGrid(resolution=8, decay=0.5, update_every=4)
@@ -221,3 +254,27 @@ def test_regularizers():
     torch.testing.assert_close(loss, torch.tensor([0.5 * 1.0 + 0.5 * 0.64]))
     loss.sum().backward()
     assert weights.grad is None and normals.grad.abs().sum() > 0  # weights are detached
+
+
+def test_jittered_rays_stay_inside_their_pixels_and_average_to_the_centres():
+    camera = spherical_cameras(20.0, [30.0, 200.0], 2.5, 45.0, 8)
+    focal = 0.5 * 8 / math.tan(math.radians(45.0) / 2)
+
+    def pixel_coordinates(dirs):
+        local = torch.einsum("bji,bhwj->bhwi", camera.c2w[:, :3, :3], dirs)  # world -> camera axes
+        col = local[..., 0] / -local[..., 2] * focal + 4.0
+        row = -local[..., 1] / -local[..., 2] * focal + 4.0
+        return row, col
+
+    rows = torch.arange(8.0)[None, :, None]
+    cols = torch.arange(8.0)[None, None, :]
+    row, col = pixel_coordinates(camera_rays(camera)[1])
+    torch.testing.assert_close(row, (rows + 0.5).expand_as(row), atol=1e-4, rtol=0)
+    generator = torch.Generator().manual_seed(0)
+    draws = [pixel_coordinates(camera_rays(camera, jitter=True, generator=generator)[1]) for _ in range(400)]
+    for row, col in draws[:20]:
+        assert ((row - rows) > -1e-4).all() and ((row - rows) < 1 + 1e-4).all()
+        assert ((col - cols) > -1e-4).all() and ((col - cols) < 1 + 1e-4).all()
+    mean_row = torch.stack([r for r, _ in draws]).mean(0)
+    mean_col = torch.stack([c for _, c in draws]).mean(0)
+    assert (mean_row - rows - 0.5).abs().max() < 0.06 and (mean_col - cols - 0.5).abs().max() < 0.06

@@ -2,7 +2,17 @@
 
 Every loss takes images in [0, 1] from any differentiable generator, asks a frozen teacher for a
 noise prediction and returns a scalar whose gradient w.r.t. the images is the distillation
-gradient. They use the Teacher protocol only (teachers/base.py).
+gradient. They use the Teacher protocol only (teachers/base.py); VSD also needs the teacher's
+`network`, which it copies into a camera-conditioned LoRA (distill/lora.py).
+
+- sds_loss: DreamFusion's SDS.
+- nfsd_loss: Noise-Free Score Distillation (Katzir et al., 2023).
+- vsd_loss + lora_diffusion_loss: ProlificDreamer's VSD (Wang et al., 2023). Recipe per step:
+
+      out = vsd_loss(teacher, lora, images, cond, c2w, generator=g)          # images from the generator
+      lora_loss = lora_diffusion_loss(teacher, lora, None, cond, c2w, generator=g, encoded=out.encoded)
+      (out.loss + lora_loss).backward()    # the two losses touch disjoint parameters
+      generator_opt.step(); lora_opt.step()                # lora_opt = make_lora_optimizer(lora)
 """
 
 from __future__ import annotations
@@ -11,8 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..teachers.base import Cond
+from ..teachers.base import Cond, cfg_combine
+from .lora import LoraNetwork, make_lora_network, make_lora_optimizer, network_kind  # noqa: F401 (re-exported)
 from .schedules import sample_timesteps
+
+NFSD_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "
+                        "low-resolution, gloomy")
+"""The negative prompt of the NFSD paper (Katzir et al., 2023, Sec. 4)."""
+NFSD_T_THRESHOLD = 200
+"""NFSD takes delta_D = eps(empty) below this timestep (of 1000) and eps(empty) - eps(negative) from it on."""
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -24,6 +41,7 @@ class ScoreOutput:
     loss: torch.Tensor
     grad_norm: float
     timesteps: torch.Tensor
+    encoded: torch.Tensor | None = None  # the teacher-space input, detached (VSD's LoRA trains on it)
 
 
 def dreamfusion_weight(abar: torch.Tensor) -> torch.Tensor:
@@ -41,20 +59,154 @@ def sds_loss(teacher, images: torch.Tensor, cond: Cond, guidance_scale: float = 
     so the gradient w.r.t. the teacher's input x is exactly `grad` and nothing flows through the teacher.
     """
     x = teacher.encode(images)
-    batch = x.shape[0]
     schedule = teacher.schedule
-    if timesteps is None:
-        timesteps = sample_timesteps(batch, schedule.num_train_timesteps, t_min, t_max, generator)
-    if noise is None:
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    timesteps, noise = _draw(teacher, x, t_min, t_max, generator, timesteps, noise)
     with torch.no_grad():
         x_t = schedule.add_noise(x.detach(), noise, timesteps)
         eps_hat = teacher.predict_eps(x_t, timesteps, cond, guidance_scale)
-        w = dreamfusion_weight(schedule.abar(timesteps)).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-        grad = w * (eps_hat - noise)
+        grad = _weight(schedule, timesteps, x) * (eps_hat - noise)
+    return _surrogate("SDS", x, grad, timesteps)
+
+
+def _surrogate(name: str, x: torch.Tensor, grad: torch.Tensor, timesteps: torch.Tensor) -> ScoreOutput:
+    """NaN guard, then 0.5 |x - stopgrad(x - grad)|^2 summed per image and averaged over the batch
+    (d loss / dx = grad / B)."""
     if not torch.isfinite(grad).all():
         raise NonFiniteGradientError(
-            f"SDS gradient is not finite at timesteps {timesteps.tolist()}: the renders or the teacher produced NaN/Inf")
+            f"{name} gradient is not finite at timesteps {timesteps.tolist()}: "
+            "the renders or the teacher produced NaN/Inf")
     target = (x - grad).detach()
-    loss = 0.5 * ((x - target) ** 2).sum() / batch
-    return ScoreOutput(loss=loss, grad_norm=float(grad.flatten(1).norm(dim=1).mean()), timesteps=timesteps)
+    loss = 0.5 * ((x - target) ** 2).sum() / x.shape[0]
+    return ScoreOutput(loss=loss, grad_norm=float(grad.flatten(1).norm(dim=1).mean()), timesteps=timesteps,
+                       encoded=x.detach())
+
+
+def _draw(teacher, x: torch.Tensor, t_min: float, t_max: float, generator, timesteps, noise):
+    """Timesteps (on x's device) and noise for one step, drawn from `generator` unless given."""
+    if timesteps is None:
+        timesteps = sample_timesteps(x.shape[0], teacher.schedule.num_train_timesteps, t_min, t_max, generator)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return timesteps.to(x.device), noise.to(x.device, x.dtype)
+
+
+def _weight(schedule, timesteps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return dreamfusion_weight(schedule.abar(timesteps)).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def nfsd_loss(teacher, images: torch.Tensor, cond: Cond, null_cond: Cond, guidance_scale: float = 7.5,
+              t_min: float = 0.02, t_max: float = 0.98, generator: torch.Generator | None = None,
+              timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+              t_threshold: int = NFSD_T_THRESHOLD) -> ScoreOutput:
+    """Noise-Free Score Distillation (Katzir et al., 2023).
+
+    grad = w(t) (delta_D + s delta_C), w = 1 - abar, with
+        delta_C = eps(x_t; y) - eps(x_t; empty),
+        delta_D = eps(x_t; empty)                              for t <  t_threshold (200 of 1000),
+                = eps(x_t; empty) - eps(x_t; negative)          for t >= t_threshold.
+    Unlike SDS there is no "- noise" term: the sampled noise enters only through x_t.
+
+    The three prompts: `cond.cond` is the prompt y, `cond.uncond` the negative prompt
+    (`teacher.encode_prompt(prompts, negative=[NFSD_NEGATIVE_PROMPT])`), and `null_cond.cond` the
+    empty prompt (`teacher.encode_prompt([""] * B)`), one row per image. `cond.extra` is passed on.
+    Two teacher calls: the guided pair (y, empty) at scale s gives eps(empty) + s delta_C; the
+    negative prompt is evaluated only when some t >= t_threshold. `t_threshold` is in timesteps of a
+    1000-step schedule and is rescaled for other lengths.
+    """
+    if cond.uncond is None or null_cond.cond is None:
+        raise ValueError("nfsd_loss needs the negative prompt in cond.uncond and the empty prompt in null_cond.cond "
+                         f"({type(teacher).__name__} gave None): encode them with teacher.encode_prompt")
+    x = teacher.encode(images)
+    schedule = teacher.schedule
+    timesteps, noise = _draw(teacher, x, t_min, t_max, generator, timesteps, noise)
+    threshold = t_threshold * schedule.num_train_timesteps / 1000
+    with torch.no_grad():
+        x_t = schedule.add_noise(x.detach(), noise, timesteps)
+        guided = Cond(prompts=cond.prompts, cond=cond.cond, uncond=null_cond.cond, extra=cond.extra)
+        direction = teacher.predict_eps(x_t, timesteps, guided, guidance_scale)  # eps(empty) + s delta_C
+        late = (timesteps >= threshold).reshape(-1, *([1] * (x.dim() - 1)))
+        if late.any():
+            negative = Cond(prompts=cond.prompts, cond=cond.uncond, uncond=cond.uncond, extra=cond.extra)
+            direction = direction - late.to(x.dtype) * teacher.predict_eps(x_t, timesteps, negative, 1.0)
+        grad = _weight(schedule, timesteps, x) * direction
+    return _surrogate("NFSD", x, grad, timesteps)
+
+
+def _lora_eps(teacher, lora_network: LoraNetwork, x_t, timesteps, cond: Cond, camera, guidance_scale: float):
+    """The LoRA network's eps: (y, camera) alone at scale 1, else CFG against (uncond text, zero camera)."""
+    if guidance_scale == 1.0:
+        out = lora_network(x_t, timesteps, cond.cond, camera)
+    else:
+        both = lora_network(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
+                            torch.cat([cond.cond, cond.uncond]), torch.cat([camera, torch.zeros_like(camera)]))
+        out_c, out_u = both.chunk(2)
+        out = cfg_combine(out_u, out_c, guidance_scale)
+    return teacher.schedule.to_eps(x_t, out, timesteps, lora_network.prediction_type)
+
+
+def vsd_loss(teacher, lora_network: LoraNetwork, images: torch.Tensor, cond: Cond, c2w: torch.Tensor,
+             guidance_scale: float = 7.5, lora_guidance_scale: float = 1.0, t_min: float = 0.02, t_max: float = 0.98,
+             generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None, lora_cond: Cond | None = None) -> ScoreOutput:
+    """Variational Score Distillation (ProlificDreamer, Wang et al., 2023), threestudio's form.
+
+    grad = w(t) (eps_teacher(x_t; y, s) - eps_lora(x_t; y, c2w)), w = 1 - abar, where the teacher
+    term is CFG at `guidance_scale` and the LoRA term is `lora_network` (make_lora_network) at
+    `lora_guidance_scale` (1: conditional with camera only; else CFG against uncond text + zero
+    camera), converted to eps by the teacher's prediction_type. `c2w` (B, 4, 4) is the cameras'
+    camera-to-world matrices; `lora_cond` (default `cond`) lets the LoRA see view-independent text
+    while the teacher sees view-dependent prompts. Train the LoRA alongside on `lora_diffusion_loss`
+    (pass `encoded=out.encoded` to skip a second encode). Same surrogate and NaN guard as sds_loss.
+    ProlificDreamer anneals t_max 0.98 -> 0.5 over training: pass `schedules.annealed_range(...)`.
+    """
+    network_kind(teacher)  # one-line refusal for the oracle and unsupported networks
+    x = teacher.encode(images)
+    schedule = teacher.schedule
+    timesteps, noise = _draw(teacher, x, t_min, t_max, generator, timesteps, noise)
+    camera = lora_network.flatten_camera(c2w).to(x.device, x.dtype)
+    with torch.no_grad():
+        x_t = schedule.add_noise(x.detach(), noise, timesteps)
+        eps_teacher = teacher.predict_eps(x_t, timesteps, cond, guidance_scale)
+        lora_cond = cond if lora_cond is None else lora_cond
+        eps_lora = _lora_eps(teacher, lora_network, x_t, timesteps, lora_cond, camera, lora_guidance_scale)
+        grad = _weight(schedule, timesteps, x) * (eps_teacher - eps_lora)
+    return _surrogate("VSD", x, grad, timesteps)
+
+
+def drop_camera(camera: torch.Tensor, prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per image, replace the (flattened) camera by zeros with probability `prob` (CFG-style dropout)."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"camera_drop_prob must be in [0, 1], got {prob}")
+    keep = torch.rand(camera.shape[0], generator=generator) >= prob
+    return camera * keep.to(camera.device, camera.dtype).reshape(-1, *([1] * (camera.dim() - 1)))
+
+
+def lora_diffusion_loss(teacher, lora_network: LoraNetwork, images: torch.Tensor | None, cond: Cond, c2w: torch.Tensor,
+                        generator: torch.Generator | None = None, camera_drop_prob: float = 0.1,
+                        timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                        encoded: torch.Tensor | None = None) -> torch.Tensor:
+    """The LoRA network's own denoising loss on the detached renders (VSD's inner problem).
+
+    t uniform over all train timesteps [0, T), target eps / v / x0 per the network's
+    prediction_type, MSE averaged over all elements; text is `cond.cond` and the camera is zeroed
+    per image with probability `camera_drop_prob` (drawn from `generator` after t and noise).
+    `encoded` (vsd_loss's `out.encoded`) replaces `images` to skip re-encoding. Gradients reach only
+    the LoRA and camera parameters; optimize them with `make_lora_optimizer(lora_network)`.
+    """
+    with torch.no_grad():
+        x = (encoded if encoded is not None else teacher.encode(images)).detach()
+    schedule = teacher.schedule
+    timesteps, noise = _draw(teacher, x, 0.0, 1.0, generator, timesteps, noise)
+    camera = drop_camera(lora_network.flatten_camera(c2w), camera_drop_prob, generator)
+    x_t = schedule.add_noise(x, noise, timesteps)
+    if lora_network.prediction_type == "epsilon":
+        target = noise
+    elif lora_network.prediction_type == "v_prediction":
+        target = schedule.velocity(x, noise, timesteps)
+    elif lora_network.prediction_type == "sample":
+        target = x
+    else:
+        raise ValueError(f"unknown prediction_type {lora_network.prediction_type!r}: "
+                         "allowed are 'epsilon', 'sample', 'v_prediction'")
+    pred = lora_network(x_t, timesteps, cond.cond, camera)
+    return torch.nn.functional.mse_loss(pred.float(), target.float())

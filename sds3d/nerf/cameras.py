@@ -123,15 +123,23 @@ def view_names(camera: Camera) -> list[str]:
     return [view_name(e, a) for e, a in zip(camera.elevation_deg.tolist(), camera.azimuth_deg.tolist())]
 
 
-def camera_rays(camera: Camera) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ray origins and unit directions, each (B, H, W, 3), through pixel centres."""
-    h, w = camera.height, camera.width
+def camera_rays(camera: Camera, jitter: bool = False,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ray origins and unit directions, each (B, H, W, 3), through pixel centres, or with `jitter`
+    through a uniformly random point of each pixel: low-resolution renders are then antialiased
+    in expectation over training steps, at no extra cost per step."""
+    h, w, b = camera.height, camera.width, camera.batch_size
     focal = 0.5 * h / torch.tan(0.5 * camera.fovy)  # (B,) in pixels
-    j = torch.arange(w, dtype=torch.float32) + 0.5
-    i = torch.arange(h, dtype=torch.float32) + 0.5
+    j = torch.arange(w, dtype=torch.float32)
+    i = torch.arange(h, dtype=torch.float32)
     ii, jj = torch.meshgrid(i, j, indexing="ij")
-    x = (jj - 0.5 * w)[None] / focal[:, None, None]
-    y = -(ii - 0.5 * h)[None] / focal[:, None, None]
+    if jitter:
+        offsets = torch.rand((2, b, h, w), generator=generator)
+        ii, jj = ii[None] + offsets[0], jj[None] + offsets[1]
+    else:
+        ii, jj = ii[None] + 0.5, jj[None] + 0.5
+    x = (jj - 0.5 * w) / focal[:, None, None]
+    y = -(ii - 0.5 * h) / focal[:, None, None]
     dirs_cam = torch.stack([x, y, -torch.ones_like(x)], -1)  # (B, H, W, 3)
     dirs = torch.einsum("bij,bhwj->bhwi", camera.c2w[:, :3, :3], dirs_cam)
     dirs = torch.nn.functional.normalize(dirs, dim=-1)

@@ -97,10 +97,16 @@ def _scatter(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tens
     return values.new_zeros((size,) + values.shape[1:]).index_copy(0, index, values)
 
 
+def transmittance_before(sigmas: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor) -> torch.Tensor:
+    """T_i = exp(-sum_{j<i} sigma_j delta_j), the light reaching each sample (R, S) from the camera."""
+    optical = sigmas * (t_ends - t_starts)
+    return torch.exp(-(torch.cumsum(optical, dim=-1) - optical))
+
+
 def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: int = 64,
                 occupancy: OccupancyGrid | None = None, shading: str = "albedo", light: torch.Tensor | None = None,
                 background=1.0, generator: torch.Generator | None = None, stratified: bool = True,
-                need_normals: bool = False, ambient: float = 0.5) -> dict[str, torch.Tensor]:
+                need_normals: bool = False, ambient: float = 0.5, early_stop_eps: float = 0.0) -> dict[str, torch.Tensor]:
     """Volume-render rays (R, 3) through `field` (radius from `field.radius`).
 
     shading: "albedo" (colour = albedo), "lambertian" (albedo * (ambient + (1 - ambient) n.l)),
@@ -108,6 +114,13 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
     the light; None means a headlight (-dirs). background: scalar, (3,) or (R, 3).
     Returns rgb (R, 3), opacity (R, 1), depth (R, 1), albedo (R, 3), weights (R, S), and when normals
     were computed normal (R, 3) (the weighted sum of unit normals) and orientation_loss (R,).
+
+    early_stop_eps > 0 drops samples whose transmittance T is below it (nerfacc's `early_stop_eps`,
+    Instant-NGP's early ray termination): a cheap density-only pass without gradients finds T at
+    every kept sample, then the full field (albedo, normals, autograd) runs only where T > eps.
+    Such a sample changes the colour and every gradient by at most T, so the image moves by less
+    than eps per ray, while the samples hidden behind an opaque surface, often most of them, cost
+    nothing.
     """
     if shading not in SHADINGS:
         raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
@@ -121,9 +134,14 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
     if occupancy is not None:
         keep = keep & occupancy.occupied(positions)
     index = keep.reshape(-1).nonzero().squeeze(1)
+    size = n_rays * num_samples
+    if early_stop_eps > 0 and index.numel() > 0:
+        with torch.no_grad():
+            sigmas = _scatter(field.density(positions.reshape(-1, 3)[index]), index, size).view(n_rays, num_samples)
+            visible = transmittance_before(sigmas, t_starts, t_ends).reshape(-1)[index] > early_stop_eps
+            index = index[visible]
     # The field runs on kept samples only (even none: the graph to its parameters stays intact).
     out = field(positions.reshape(-1, 3)[index], with_normals=with_normals)
-    size = n_rays * num_samples
 
     if shading == "albedo":
         colors = out["albedo"]
@@ -154,14 +172,15 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
 
 
 def render_image(field, camera: Camera, chunk: int | None = None, light: torch.Tensor | None = None,
-                 background=1.0, **kwargs) -> dict[str, torch.Tensor]:
+                 background=1.0, jitter: bool = False, **kwargs) -> dict[str, torch.Tensor]:
     """Render every pixel of `camera`: a dict of (B, C, H, W) images (weights: C = samples).
 
     light (B, 3) defaults to `light_direction(camera)`, the rule the synthetic world renders with.
     background: scalar, (3,), (B, 3) or (B, 3, H, W). `chunk` bounds the rays per field call.
+    jitter: rays through random points of their pixels (drawn from kwargs' `generator`).
     """
     b, h, w = camera.batch_size, camera.height, camera.width
-    origins, dirs = (v.reshape(-1, 3) for v in camera_rays(camera))
+    origins, dirs = (v.reshape(-1, 3) for v in camera_rays(camera, jitter, kwargs.get("generator")))
     needs_light = kwargs.get("shading", "albedo") != "albedo"
     if light is None and needs_light:
         light = light_direction(camera)

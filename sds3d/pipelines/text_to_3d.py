@@ -5,7 +5,7 @@ A run lives in its own folder:
     outputs/<slug>-<seed>/
       config.yaml            written first; `--resume` reads it back
       previews/step-NNNNN.png
-      checkpoints/last.pt    field + optimizer + occupancy + RNG state, written atomically
+      checkpoints/last.pt    field + optimizer + occupancy + RNG state (+ vsd's LoRA), written atomically
       mesh.glb mesh.obj mesh.ply turntable.mp4
       metrics.json           against the world's ground truth when the prompt names a world scene
 """
@@ -22,11 +22,12 @@ import torch
 
 from ..config import GenerateConfig
 from ..distill.schedules import annealed_range
-from ..distill.score import sds_loss
+from ..distill.score import NFSD_NEGATIVE_PROMPT, lora_diffusion_loss, nfsd_loss, sds_loss, vsd_loss
 from ..io import atomic_save_torch, atomic_write_text, prepare_run_folder, slugify
 from ..nerf.cameras import VIEW_NAMES, orbit_cameras, sample_cameras, view_names
 from ..nerf.field import NeRFField
 from ..nerf.render import OccupancyGrid, opacity_entropy_loss, opacity_sparsity_loss, render_image
+from ..teachers.base import Cond
 
 
 @dataclass
@@ -70,9 +71,10 @@ def make_teacher(config: GenerateConfig):
         from ..teachers.embedded import EmbeddedTeacher
 
         return EmbeddedTeacher.load()
-    from ..config import ConfigError
+    # Anything else is a diffusers pipeline: a local folder or a hub id (TeacherLoadError says what is wrong).
+    from ..teachers.diffusers import load_diffusers_teacher
 
-    raise ConfigError(f"unknown teacher {config.teacher!r}: allowed are {', '.join(WORLD_TEACHERS)}")
+    return load_diffusers_teacher(config.teacher, vae_resolution=config.vae_resolution)
 
 
 def make_field(config: GenerateConfig) -> NeRFField:
@@ -134,12 +136,26 @@ class TextTo3D:
                                        update_every=self.config.occupancy_update_every)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.step = 0
+        self.lora = self.lora_optimizer = None
+
+    def _init_lora(self):
+        """VSD's camera-conditioned LoRA copy of the teacher's network and its own optimizer."""
+        from ..distill.lora import make_lora_network, make_lora_optimizer
+
+        self.lora = make_lora_network(self.teacher, rank=self.config.lora_rank)
+        self.lora_optimizer = make_lora_optimizer(self.lora, lr=self.config.lora_lr)
+
+    def _lora_state(self) -> dict:
+        """Only the trained LoRA and camera tensors: the frozen copy of the teacher is not saved."""
+        return {name: p.detach().clone() for name, p in self.lora.named_parameters() if p.requires_grad}
 
     def _save_checkpoint(self):
-        atomic_save_torch({"step": self.step, "field": self.field.state_dict(),
-                           "optimizer": self.optimizer.state_dict(), "occupancy": self.occupancy.state_dict(),
-                           "generator": self.generator.get_state(), "config": self.config.to_dict()},
-                          self.checkpoint_path)
+        state = {"step": self.step, "field": self.field.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "occupancy": self.occupancy.state_dict(),
+                 "generator": self.generator.get_state(), "config": self.config.to_dict()}
+        if self.lora is not None:
+            state["lora"], state["lora_optimizer"] = self._lora_state(), self.lora_optimizer.state_dict()
+        atomic_save_torch(state, self.checkpoint_path)
 
     def _load_checkpoint(self):
         state = torch.load(self.checkpoint_path, weights_only=False)
@@ -148,6 +164,9 @@ class TextTo3D:
         self.occupancy.load_state_dict(state["occupancy"])
         self.generator.set_state(state["generator"])
         self.step = state["step"]
+        if self.lora is not None and "lora" in state:
+            self.lora.load_state_dict(state["lora"], strict=False)
+            self.lora_optimizer.load_state_dict(state["lora_optimizer"])
 
     def _emit(self, event: ProgressEvent):
         if self.callback is not None:
@@ -158,7 +177,8 @@ class TextTo3D:
         """Four views around the object, side by side: (3, H, 4W)."""
         with torch.no_grad():
             out = render_image(self.field, orbit_cameras(4, resolution), occupancy=self.occupancy,
-                               num_samples=self.config.num_samples, shading="lambertian", background=self.config.background)
+                               num_samples=self.config.num_samples, shading="lambertian", background=self.config.background,
+                               early_stop_eps=self.config.early_stop_eps)
         return torch.cat(list(out["rgb"].clamp(0, 1)), dim=-1)
 
     def train(self, resume: bool = False, show_progress: bool = True) -> None:
@@ -170,10 +190,12 @@ class TextTo3D:
         self._init_state()
         if self.teacher is None:
             self.teacher = make_teacher(cfg)
+        if cfg.loss == "vsd":
+            self._init_lora()
         if resume and self.checkpoint_path.exists():
             self._load_checkpoint()
         prompts_by_view = dict(zip(VIEW_NAMES, view_prompts(cfg, list(VIEW_NAMES))))
-        self.teacher.encode_prompt(list(prompts_by_view.values()))  # builds the teacher's data once, up front
+        self._encode(list(prompts_by_view.values()))  # builds the teacher's data once, up front
         if self.step == 0:
             self.occupancy.update(self.field, step=0, generator=self.generator)
 
@@ -187,12 +209,11 @@ class TextTo3D:
             backgrounds = sample_backgrounds(cfg, cfg.batch_size, self.generator)
             out = render_image(self.field, cameras, occupancy=self.occupancy, num_samples=cfg.num_samples,
                                shading=shading, background=backgrounds, generator=self.generator,
-                               need_normals=need_normals)
-            cond = self.teacher.encode_prompt([prompts_by_view[v] for v in view_names(cameras)])
+                               need_normals=need_normals, early_stop_eps=cfg.early_stop_eps, jitter=cfg.jitter_pixels)
+            cond = self._encode([prompts_by_view[v] for v in view_names(cameras)])
             cond.extra["background"] = backgrounds  # used by teachers that model the background (the oracle)
             t_min, t_max = annealed_range(self.step, cfg.steps, cfg.t_min, cfg.t_max, cfg.t_max_end)
-            score = sds_loss(self.teacher, out["rgb"], cond, cfg.guidance_scale, t_min, t_max, self.generator)
-            loss = score.loss
+            loss = self._distillation_loss(out["rgb"], cond, cameras, t_min, t_max)
             if cfg.lambda_orientation > 0:
                 loss = loss + cfg.lambda_orientation * out["orientation_loss"].mean()
             if cfg.lambda_sparsity > 0:
@@ -200,8 +221,12 @@ class TextTo3D:
             if cfg.lambda_opacity_entropy > 0:
                 loss = loss + cfg.lambda_opacity_entropy * opacity_entropy_loss(out["opacity"])
             self.optimizer.zero_grad(set_to_none=True)
+            if self.lora is not None:
+                self.lora_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.lora is not None:
+                self.lora_optimizer.step()
             self.step += 1
             self.occupancy.update(self.field, step=self.step, generator=self.generator)
             bar.update(1)
@@ -214,6 +239,26 @@ class TextTo3D:
                 save_image(path, image)
                 self._emit(ProgressEvent(self.step, cfg.steps, loss.item(), time.time() - start, path, image))
         bar.close()
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        """The teacher's conditioning; nfsd's unconditional text is its paper's negative prompt by default."""
+        negative = self.config.negative_prompt or (NFSD_NEGATIVE_PROMPT if self.config.loss == "nfsd" else "")
+        return self.teacher.encode_prompt(prompts, negative=[negative] if negative else None)
+
+    def _distillation_loss(self, images: torch.Tensor, cond: Cond, cameras, t_min: float, t_max: float) -> torch.Tensor:
+        """The configured score-distillation loss on the renders (plus, for vsd, the LoRA's own loss:
+        the two touch disjoint parameters, so one backward serves both optimizers)."""
+        cfg = self.config
+        if cfg.loss == "sds":
+            return sds_loss(self.teacher, images, cond, cfg.guidance_scale, t_min, t_max, self.generator).loss
+        if cfg.loss == "nfsd":
+            null_cond = self.teacher.encode_prompt([""] * len(cond.prompts))
+            return nfsd_loss(self.teacher, images, cond, null_cond, cfg.guidance_scale, t_min, t_max, self.generator).loss
+        score = vsd_loss(self.teacher, self.lora, images, cond, cameras.c2w, cfg.guidance_scale,
+                         cfg.lora_guidance_scale, t_min, t_max, self.generator)
+        lora_loss = lora_diffusion_loss(self.teacher, self.lora, None, cond, cameras.c2w, self.generator,
+                                        cfg.camera_drop_prob, encoded=score.encoded)
+        return score.loss + lora_loss
 
     def export(self) -> dict[str, Path]:
         """Mesh files and the turntable video of the trained field."""
@@ -228,7 +273,7 @@ class TextTo3D:
         def render_fn(camera):
             with torch.no_grad():
                 return render_image(self.field, camera, occupancy=self.occupancy, num_samples=cfg.num_samples,
-                                    shading="lambertian", background=cfg.background)
+                                    shading="lambertian", background=cfg.background, early_stop_eps=cfg.early_stop_eps)
 
         files["turntable"] = write_turntable(render_fn, self.run_dir / "turntable.mp4", n_frames=cfg.turntable_frames,
                                              resolution=cfg.turntable_resolution)
@@ -268,6 +313,10 @@ def generate(config: GenerateConfig, out: str | Path | None = None, overwrite: b
         from ..world.prompts import resolve_prompt
 
         resolve_prompt(config.prompt)
+    elif teacher is None:  # ... or on a teacher folder that is not there (hub ids are checked when loaded)
+        from ..teachers.diffusers import resolve_spec
+
+        resolve_spec(config.teacher)
     run_dir = Path(out) if out else default_run_dir(config)
     run_dir = prepare_run_folder(run_dir, overwrite=overwrite, resume=resume)
     config.save(run_dir / "config.yaml")

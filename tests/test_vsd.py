@@ -1,0 +1,334 @@
+"""NFSD against a closed-form teacher; VSD's LoRA network, its training loss and the VSD gradient on tiny UNets."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from sds3d.distill.lora import make_lora_network, make_lora_optimizer
+from sds3d.distill.score import (NFSD_NEGATIVE_PROMPT, NonFiniteGradientError, drop_camera, lora_diffusion_loss,
+                                 nfsd_loss, sds_loss, vsd_loss)
+from sds3d.teachers.base import Cond, NoiseSchedule, cfg_combine, model_to_pixels, pixels_to_model
+
+T = 1000
+
+
+# --- NFSD on a closed-form teacher -----------------------------------------------------------
+
+def toy_eps(x_t, t, emb):
+    """A known eps 'network': depends on x_t, t and a (B, 4) prompt embedding."""
+    scale = (1 + t.float() / T).reshape(-1, 1, 1, 1)
+    return torch.tanh(x_t * scale) * (1 + emb[:, :1, None, None]) + emb[:, 1:, None, None]
+
+
+class ToyTeacher:
+    """Identity encode, eps = toy_eps, diffusers CFG."""
+
+    channels, resolution, dtype, device, network = 3, 4, torch.float32, torch.device("cpu"), None
+
+    def __init__(self):
+        self.schedule = NoiseSchedule.linear(T)
+        self.calls = 0
+
+    def encode(self, images):
+        return images
+
+    def decode(self, x):
+        return x
+
+    def predict_eps(self, x_t, t, cond, guidance_scale=1.0):
+        self.calls += 1
+        eps_c = toy_eps(x_t, t, cond.cond)
+        return eps_c if guidance_scale == 1.0 else cfg_combine(toy_eps(x_t, t, cond.uncond), eps_c, guidance_scale)
+
+
+def nfsd_reference(x_t, t, y, neg, null, s):
+    """Katzir et al.: w(t) (delta_D + s delta_C), computed prompt by prompt."""
+    e_y, e_neg, e_null = toy_eps(x_t, t, y), toy_eps(x_t, t, neg), toy_eps(x_t, t, null)
+    delta_c = e_y - e_null
+    delta_d = torch.where((t < 200).reshape(-1, 1, 1, 1), e_null, e_null - e_neg)
+    w = (1 - NoiseSchedule.linear(T).abar(t)).reshape(-1, 1, 1, 1)
+    return w * (delta_d + s * delta_c)
+
+
+def test_nfsd_gradient_is_the_paper_formula_and_noise_free():
+    teacher = ToyTeacher()
+    g = torch.Generator().manual_seed(0)
+    b = 4
+    y, neg, null = (torch.randn(b, 4, generator=g) for _ in range(3))
+    cond, null_cond = Cond(["p"] * b, y, neg), Cond([""] * b, null, null)
+    t = torch.tensor([50, 199, 200, 800])
+    images = torch.rand(b, 3, 4, 4, generator=g).requires_grad_(True)
+    noise = torch.randn(b, 3, 4, 4, generator=g)
+    out = nfsd_loss(teacher, images, cond, null_cond, guidance_scale=7.5, timesteps=t, noise=noise)
+    out.loss.backward()
+    x_t = teacher.schedule.add_noise(images.detach(), noise, t)
+    expected = nfsd_reference(x_t, t, y, neg, null, 7.5)
+    torch.testing.assert_close(images.grad * b, expected, atol=1e-5, rtol=1e-5)  # surrogate averages over the batch
+    # rows below the threshold do not see the negative prompt, rows above do
+    grad_without_neg = nfsd_reference(x_t, t, y, torch.zeros_like(neg), null, 7.5)
+    assert torch.allclose(expected[:2], grad_without_neg[:2]) and not torch.allclose(expected[2:], grad_without_neg[2:])
+
+    # another (image, noise) pair with the same x_t gives the same NFSD gradient; SDS's changes by w * d
+    d = torch.randn(b, 3, 4, 4, generator=g)
+    a = teacher.schedule.abar(t).reshape(-1, 1, 1, 1)
+    images2 = (images.detach() - ((1 - a) / a).sqrt() * d).requires_grad_(True)
+    noise2 = noise + d
+    torch.testing.assert_close(teacher.schedule.add_noise(images2.detach(), noise2, t), x_t, atol=1e-5, rtol=1e-5)
+    nfsd_loss(teacher, images2, cond, null_cond, guidance_scale=7.5, timesteps=t, noise=noise2).loss.backward()
+    torch.testing.assert_close(images2.grad, images.grad, atol=1e-5, rtol=1e-4)
+    sds = [images.detach().clone().requires_grad_(True), images2.detach().clone().requires_grad_(True)]
+    for im, nz in zip(sds, (noise, noise2)):
+        sds_loss(teacher, im, cond, guidance_scale=7.5, timesteps=t, noise=nz).loss.backward()
+    torch.testing.assert_close((sds[0].grad - sds[1].grad) * b, (1 - a) * d, atol=1e-5, rtol=1e-4)
+
+    # all timesteps early: the negative prompt is not evaluated (one guided teacher call)
+    teacher.calls = 0
+    nfsd_loss(teacher, images.detach(), cond, null_cond, timesteps=torch.tensor([10, 20, 30, 199]), noise=noise)
+    assert teacher.calls == 1
+    assert "out of focus" in NFSD_NEGATIVE_PROMPT and NFSD_NEGATIVE_PROMPT.endswith("gloomy")
+    with pytest.raises(NonFiniteGradientError, match="NFSD"):
+        nfsd_loss(teacher, torch.full((b, 3, 4, 4), float("nan")), cond, null_cond, timesteps=t, noise=noise)
+    with pytest.raises(ValueError, match="negative prompt in cond.uncond"):
+        nfsd_loss(teacher, images.detach(), Cond(["p"] * b, y, None), null_cond, timesteps=t, noise=noise)
+
+
+# --- a tiny diffusers UNet behind the Teacher protocol ---------------------------------------
+
+class UNetTeacher:
+    """Pixel-space teacher around a diffusers UNet2DConditionModel (cond/uncond: (B, L, D) text states)."""
+
+    channels, resolution, dtype, device = 3, 8, torch.float32, torch.device("cpu")
+
+    def __init__(self, unet, prediction_type="epsilon"):
+        self.network = unet.eval().requires_grad_(False)
+        self.prediction_type = prediction_type
+        self.schedule = NoiseSchedule.scaled_linear(T)
+
+    def encode(self, images):
+        return pixels_to_model(images, self.resolution)
+
+    def decode(self, x):
+        return model_to_pixels(x)
+
+    def raw(self, x_t, t, text):
+        return self.network(x_t, t, encoder_hidden_states=text, class_labels=None).sample
+
+    def predict_eps(self, x_t, t, cond, guidance_scale=1.0):
+        out_c = self.raw(x_t, t, cond.cond)
+        out = out_c if guidance_scale == 1.0 else cfg_combine(self.raw(x_t, t, cond.uncond), out_c, guidance_scale)
+        return self.schedule.to_eps(x_t, out, t, self.prediction_type)
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=4)
+
+
+def setup(prediction_type="epsilon", b=2, seed=0):
+    teacher = UNetTeacher(tiny_unet(seed), prediction_type)
+    g = torch.Generator().manual_seed(seed + 1)
+    cond = Cond(["p"] * b, torch.randn(b, 4, 32, generator=g), torch.randn(b, 4, 32, generator=g))
+    c2w = torch.randn(b, 4, 4, generator=g)
+    images = torch.rand(b, 3, 8, 8, generator=g)
+    return teacher, cond, c2w, images, g
+
+
+def eps_by_hand(teacher, x_t, t, text):
+    out = teacher.network(x_t, t, encoder_hidden_states=text).sample
+    if teacher.prediction_type == "epsilon":
+        return out
+    a = teacher.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    return a.sqrt() * out + (1 - a).sqrt() * x_t  # v -> eps
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_fresh_lora_network_equals_teacher_and_vsd_is_zero(prediction_type):
+    teacher, cond, c2w, images, g = setup(prediction_type)
+    lora = make_lora_network(teacher, rank=4)
+    lora_b = [p for n, p in lora.named_parameters() if "lora_B" in n]
+    assert lora_b and all((p == 0).all() for p in lora_b)
+    assert (lora.camera.linear_2.weight == 0).all() and (lora.camera.linear_2.bias == 0).all()
+    assert lora.network.class_embedding is lora.camera and lora.prediction_type == prediction_type
+
+    t = torch.tensor([100, 700])
+    x_t = torch.randn(2, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(x_t, t, cond.cond, c2w), teacher.raw(x_t, t, cond.cond), atol=1e-6, rtol=1e-6)
+
+    # guidance 1 (and equal CFG scales on both sides): the VSD gradient vanishes at init
+    # (the LoRA's CFG runs cond and uncond as one batch of 4, the teacher as two of 2: float noise only)
+    for s, tol in ((1.0, 1e-7), (7.5, 1e-5)):
+        x = images.clone().requires_grad_(True)
+        out = vsd_loss(teacher, lora, x, cond, c2w, guidance_scale=s, lora_guidance_scale=s, generator=g)
+        out.loss.backward()
+        assert x.grad.abs().max() <= tol
+    # guidance 7.5 against the LoRA at 1: w (eps_cfg - eps_cond), computed from the raw UNet
+    x = images.clone().requires_grad_(True)
+    noise = torch.randn(2, 3, 8, 8, generator=g)
+    vsd_loss(teacher, lora, x, cond, c2w, guidance_scale=7.5, timesteps=t, noise=noise).loss.backward()
+    with torch.no_grad():
+        xt = teacher.schedule.add_noise(images * 2 - 1, noise, t)
+        e_c, e_u = eps_by_hand(teacher, xt, t, cond.cond), eps_by_hand(teacher, xt, t, cond.uncond)
+        w = (1 - teacher.schedule.alphas_cumprod[t]).reshape(-1, 1, 1, 1)
+        expected = w * (e_u + 7.5 * (e_c - e_u) - e_c)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(x.grad, 2 * expected / 2, atol=1e-5, rtol=1e-4)  # d/dimages = 2 d/dx; batch mean /2
+
+    # the LoRA's own loss: MSE against eps or v (per prediction_type) of the detached encoded renders
+    with torch.no_grad():
+        x0, a = images * 2 - 1, teacher.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        by_hand = ((teacher.raw(xt, t, cond.cond) - target) ** 2).mean()
+        torch.testing.assert_close(lora_diffusion_loss(teacher, lora, images, cond, c2w, camera_drop_prob=0.0,
+                                                       timesteps=t, noise=noise), by_hand)
+
+    # the camera reaches the network once its embedding is non-zero
+    with torch.no_grad():
+        torch.nn.init.normal_(lora.camera.linear_2.weight, std=0.5)
+        assert (lora(x_t, t, cond.cond, c2w) - lora(x_t, t, cond.cond, torch.zeros_like(c2w))).abs().max() > 1e-4
+
+
+def test_only_lora_and_camera_parameters_train_and_teacher_is_untouched():
+    teacher, cond, c2w, images, g = setup("v_prediction", b=4)
+    before = {k: v.clone() for k, v in teacher.network.state_dict().items()}
+    lora = make_lora_network(teacher)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    camera = {id(p) for p in lora.camera.parameters()}
+    assert {id(p) for p in lora.parameters() if p.requires_grad} == \
+        camera | {id(p) for n, p in lora.named_parameters() if "lora_" in n}
+    assert any("to_out.0.lora_A" in n for n in trainable) and any("attn2.to_k.lora_B" in n for n in trainable)
+    assert not any(p.requires_grad for p in teacher.network.parameters())
+    optimized = make_lora_optimizer(lora).param_groups[0]["params"]
+    assert {id(p) for p in lora.trainable_parameters()} == {id(p) for p in optimized}
+    n_frozen = sum(p.numel() for p in lora.parameters() if not p.requires_grad)
+    assert n_frozen == sum(p.numel() for p in teacher.network.parameters())
+
+    # the LoRA's own loss, trained on random t / noise; measured each step on a fixed held-out draw
+    opt = make_lora_optimizer(lora, lr=1e-2)
+    eval_g = torch.Generator().manual_seed(123)
+    t_eval = torch.randint(0, T, (4,), generator=eval_g)
+    noise_eval = torch.randn(4, 3, 8, 8, generator=eval_g)
+    curve = []
+    for _ in range(40):
+        with torch.no_grad():
+            curve.append(lora_diffusion_loss(teacher, lora, images, cond, c2w, camera_drop_prob=0.0,
+                                             timesteps=t_eval, noise=noise_eval).item())
+        opt.zero_grad()
+        loss = lora_diffusion_loss(teacher, lora, images, cond, c2w, generator=g)
+        loss.backward()
+        opt.step()
+    first, last = sum(curve[:10]) / 10, sum(curve[-10:]) / 10
+    print(f"LoRA loss (fixed eval draw) first10={first:.4f} last10={last:.4f}")
+    assert last < 0.93 * first and max(curve[-10:]) < min(curve[:3]), curve
+    assert (lora.camera.linear_2.weight != 0).any()
+    for k, v in teacher.network.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_camera_dropout_rate_and_effect():
+    camera = torch.ones(20000, 16)
+    dropped = drop_camera(camera, 0.1, torch.Generator().manual_seed(0))
+    rate = (dropped.abs().sum(1) == 0).float().mean().item()
+    assert abs(rate - 0.1) < 0.01, rate
+    assert ((dropped == 0) | (dropped == 1)).all() and ((dropped.sum(1) == 0) | (dropped.sum(1) == 16)).all()
+    assert torch.equal(dropped, drop_camera(camera, 0.1, torch.Generator().manual_seed(0)))
+    assert torch.equal(drop_camera(camera, 0.0), camera) and not drop_camera(camera, 1.0).any()
+    with pytest.raises(ValueError, match="camera_drop_prob"):
+        drop_camera(camera, 1.5)
+
+    teacher, cond, c2w, images, g = setup()
+    lora = make_lora_network(teacher)
+    with torch.no_grad():
+        torch.nn.init.normal_(lora.camera.linear_2.weight, std=0.5)
+    t, noise = torch.tensor([300, 600]), torch.randn(2, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        def loss(cam, p):
+            return lora_diffusion_loss(teacher, lora, images, cond, cam, camera_drop_prob=p, timesteps=t,
+                                       noise=noise).item()
+
+        assert loss(c2w, 1.0) == pytest.approx(loss(torch.zeros_like(c2w), 0.0), abs=1e-7)
+        assert abs(loss(c2w, 0.0) - loss(torch.zeros_like(c2w), 0.0)) > 1e-6
+
+
+def test_vsd_refuses_teachers_without_a_usable_network():
+    from sds3d.teachers.oracle import OracleTeacher
+
+    oracle = OracleTeacher.from_banks({"a": torch.rand(2, 3, 8, 8) * 2 - 1})
+    with pytest.raises(ValueError, match="OracleTeacher has none") as info:
+        make_lora_network(oracle)
+    assert "\n" not in str(info.value) and "VSD" in str(info.value)
+    teacher, cond, c2w, images, _ = setup()
+    lora = make_lora_network(teacher)
+    with pytest.raises(ValueError, match="OracleTeacher has none"):
+        vsd_loss(oracle, lora, images, oracle.encode_prompt(["a", "a"]), c2w)
+    teacher.network = torch.nn.Conv2d(3, 3, 1)
+    with pytest.raises(ValueError, match="UNetTeacher has a Conv2d"):
+        make_lora_network(teacher)
+    with pytest.raises(ValueError, match="camera_dim=16"):
+        vsd_loss(UNetTeacher(tiny_unet()), lora, images, cond, torch.zeros(2, 3, 4))
+
+
+def test_vsd_optimizes_a_learnable_image():
+    teacher, cond, c2w, images, g = setup(b=2)
+    lora = make_lora_network(teacher)
+    lora_opt = make_lora_optimizer(lora, lr=1e-3)
+    logits = torch.nn.Parameter(torch.logit(images.clamp(0.05, 0.95)))
+    start = logits.detach().clone()
+    opt = torch.optim.Adam([logits], lr=1e-2)
+    lora_start = [p.detach().clone() for p in lora.trainable_parameters()]
+    for _ in range(5):
+        out = vsd_loss(teacher, lora, torch.sigmoid(logits), cond, c2w, generator=g)
+        lora_loss = lora_diffusion_loss(teacher, lora, None, cond, c2w, generator=g, encoded=out.encoded)
+        opt.zero_grad(), lora_opt.zero_grad()
+        (out.loss + lora_loss).backward()
+        assert torch.isfinite(logits.grad).all() and torch.isfinite(lora_loss)
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in lora.trainable_parameters())
+        opt.step(), lora_opt.step()
+    assert (logits.detach() - start).abs().max() > 1e-3
+    assert any(not torch.equal(p, q) for p, q in zip(lora.trainable_parameters(), lora_start))
+    assert all(torch.isfinite(p).all() for p in lora.parameters())
+    with pytest.raises(NonFiniteGradientError, match="VSD"):
+        vsd_loss(teacher, lora, torch.full_like(images, float("nan")), cond, c2w, generator=g)
+
+
+# --- the embedded teacher's LeanUNet ---------------------------------------------------------
+
+def test_vsd_on_the_embedded_lean_unet():
+    from sds3d.teachers.embedded import EmbeddedTeacher, LeanUNet, NetConfig
+
+    torch.manual_seed(0)
+    net = LeanUNet(NetConfig(resolution=8, channels=(16, 32), attention_levels=(1,), text_dim=8, emb_dim=32,
+                             groups=4, head_dim=8))
+    # LeanUNet zero-inits its output layers: randomize them so that outputs are non-trivial
+    for p in net.parameters():
+        if p.dim() > 1 and torch.all(p == 0):
+            torch.nn.init.normal_(p, std=0.05)
+    teacher = EmbeddedTeacher(net, NoiseSchedule.cosine(T), "v_prediction", text_encoder=object())
+    g = torch.Generator().manual_seed(0)
+    cond = Cond(["p", "q"], torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g))
+    c2w, images = torch.randn(2, 4, 4, generator=g), torch.rand(2, 3, 8, 8, generator=g)
+    lora = make_lora_network(teacher)
+    assert lora.kind == "lean"
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert {id(p) for p in lora.parameters() if p.requires_grad} == \
+        {id(p) for p in lora.camera.parameters()} | {id(p) for n, p in lora.named_parameters() if "lora_" in n}
+    assert any("film.lora_A" in n for n in trainable) and any("qkv.lora_B" in n for n in trainable)
+    t, x_t = torch.tensor([50, 900]), torch.randn(2, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        reference = net(x_t, t, cond.cond)
+        assert reference.abs().max() > 1e-3
+        torch.testing.assert_close(lora(x_t, t, cond.cond, c2w), reference, atol=1e-6, rtol=1e-6)
+    x = images.clone().requires_grad_(True)
+    vsd_loss(teacher, lora, x, cond, c2w, guidance_scale=1.0, generator=g).loss.backward()
+    assert x.grad.abs().max() < 1e-6
+    opt = make_lora_optimizer(lora, lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        lora_diffusion_loss(teacher, lora, images, cond, c2w, generator=g, camera_drop_prob=0.0).backward()
+        opt.step()
+    with torch.no_grad():
+        assert (lora(x_t, t, cond.cond, c2w) - lora(x_t, t, cond.cond, torch.zeros_like(c2w))).abs().max() > 0
+        torch.testing.assert_close(net(x_t, t, cond.cond), reference)  # the teacher's network is untouched
