@@ -9,8 +9,9 @@ import torch
 
 from sds3d.data.world_dataset import CaptionTable, RenderSpec, scene_phrasings, world_renders
 from sds3d.teachers.base import Teacher
+from sds3d.distill.solvers import ddim_sample, ddim_timesteps
 from sds3d.teachers.embedded import (ASSET_DIR, EmbeddedTeacher, LeanUNet, NetConfig, TeacherWeightsError,
-                                     ddim_sample, ddim_timesteps, make_schedule)
+                                     make_schedule)
 from sds3d.teachers.training import TeacherTrainer, TrainConfig, learning_rate, loss_weights
 from sds3d.world.scenes import Scene, held_out_combinations
 
@@ -150,7 +151,8 @@ def test_saved_teacher_loads_and_samples(tmp_path):
     # CFG is uncond + s (cond - uncond), cond and uncond batched in one forward.
     e_c, e_u = loaded.predict_eps(x, t, cond, 1.0), loaded.predict_eps(x, t, loaded.encode_prompt(["", ""]), 1.0)
     assert torch.allclose(loaded.predict_eps(x, t, cond, 4.0), e_u + 4.0 * (e_c - e_u), atol=1e-4)
-    images = ddim_sample(loaded, cond, steps=3, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    images = ddim_sample(loaded, cond, steps=3, guidance=3.0, generator=torch.Generator().manual_seed(0),
+                         clip_x0=True).images
     assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1 and torch.isfinite(images).all()
     assert loaded.encode(torch.rand(1, 3, 40, 40)).shape == (1, 3, 16, 16)
     # The prompt table is read back: no text encoder needed for its prompts.
@@ -196,6 +198,7 @@ def test_shipped_teacher_samples():
     assert (ASSET_DIR / "model.safetensors").stat().st_size <= 30 * 2 ** 20
     assert (ASSET_DIR / "MODEL_CARD.md").exists()
     cond = teacher.encode_prompt(["a red cube", "a snowman, front view"])
-    images = ddim_sample(teacher, cond, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    images = ddim_sample(teacher, cond, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0),
+                         clip_x0=True).images
     r = teacher.resolution
     assert images.shape == (2, 3, r, r) and images.min() >= 0 and images.max() <= 1

@@ -4,8 +4,9 @@
 (a folder written by `DiffusionPipeline.save_pretrained`, e.g. a hub snapshot) gives a `DiffusersTeacher` behind the
 Teacher protocol (teachers/base.py), so SDS, VSD, the solvers and the students use it like the embedded network.
 
-- Stable Diffusion is a *latent* teacher: images are resized to `vae_resolution` (512 by default, as threestudio
-  upsamples its 64 px renders), encoded by the VAE, and the UNet works on `vae_resolution / 8` latents.
+- Stable Diffusion is a *latent* teacher: images are resized to `vae_resolution` (by default the pipeline's native
+  size, UNet sample_size x VAE factor: 512 for SD 1.x/2.x base, as threestudio upsamples its 64 px renders),
+  encoded by the VAE, and the UNet works on `vae_resolution / 8` latents.
 - DeepFloyd IF stage I is a *pixel* teacher at 64x64; its UNet also predicts a variance (6 output channels), of
   which the first 3 are eps.
 - The model's `prediction_type` (eps or v, from the scheduler config) is converted to eps by NoiseSchedule.to_eps.
@@ -73,7 +74,7 @@ class DiffusersTeacher:
     pipeline's own `encode_prompt` makes them (CLIP: 77 tokens; IF: T5 over 77 lower-cased tokens with a mask).
     """
 
-    def __init__(self, pipeline, vae_resolution: int = 512, device: str | torch.device | None = None,
+    def __init__(self, pipeline, vae_resolution: int | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, spec: str | None = None):
         self.device = torch.device(device) if device is not None else _default_device()
         self.dtype = dtype if dtype is not None else _default_dtype(self.device)
@@ -103,6 +104,9 @@ class DiffusersTeacher:
                 raise TeacherLoadError(f"teacher {spec or type(pipeline).__name__}: the UNet takes {self.channels} "
                                        f"channels but the VAE makes {self.vae.config.latent_channels} (inpainting or "
                                        f"depth models are not text-to-image teachers)")
+            if vae_resolution is None:  # the pipeline's native size
+                sample_size = self.unet.config.sample_size
+                vae_resolution = int(sample_size if isinstance(sample_size, int) else sample_size[0]) * self.vae_scale_factor
             if vae_resolution % (self.vae_scale_factor * unet_factor):
                 raise TeacherLoadError(f"bad vae_resolution={vae_resolution}: must be a multiple of "
                                        f"{self.vae_scale_factor * unet_factor} for this VAE and UNet")
@@ -126,7 +130,7 @@ class DiffusersTeacher:
 
     @classmethod
     def from_pretrained(cls, spec: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                        vae_resolution: int = 512, **pipeline_kwargs) -> "DiffusersTeacher":
+                        vae_resolution: int | None = None, **pipeline_kwargs) -> "DiffusersTeacher":
         """Load a local diffusers folder or a hub id; see `load_diffusers_teacher`."""
         return load_diffusers_teacher(spec, device=device, dtype=dtype, vae_resolution=vae_resolution, **pipeline_kwargs)
 
@@ -278,7 +282,7 @@ def _hub_model_index(repo_id: str) -> tuple[dict, bool]:
 
 
 def load_diffusers_teacher(spec: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                           vae_resolution: int = 512, **pipeline_kwargs) -> DiffusersTeacher:
+                           vae_resolution: int | None = None, **pipeline_kwargs) -> DiffusersTeacher:
     """A frozen DiffusersTeacher from a local diffusers folder or a hub id (fp16 on CUDA, fp32 on CPU by default).
 
     Hub ids load from the local Hugging Face cache when present and are downloaded otherwise; HF_HUB_OFFLINE=1

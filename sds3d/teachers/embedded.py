@@ -3,8 +3,9 @@
 The network (`LeanUNet`) is a compact ADM-style UNet: residual blocks with GroupNorm and FiLM
 conditioning on (timestep embedding + projected MiniLM sentence embedding), one self-attention
 block at the lowest resolution, optional 2x2 patchify stem. `EmbeddedTeacher` wraps trained
-weights behind the Teacher protocol (sds3d/teachers/base.py); `ddim_sample` samples from any
-Teacher. Weights ship in sds3d/assets/teacher/ (model.safetensors + config.json + MODEL_CARD.md).
+weights behind the Teacher protocol (sds3d/teachers/base.py); sds3d/distill/solvers.py samples
+from it (its published figures used `ddim_sample(..., spacing="trailing", clip_x0=True)`).
+Weights ship in sds3d/assets/teacher/ (model.safetensors + config.json + MODEL_CARD.md).
 """
 
 from __future__ import annotations
@@ -374,41 +375,3 @@ class EmbeddedTeacher:
             text_encoder = TextEncoder(table=table)
         return cls(network, schedule, meta.get("prediction_type", "v_prediction"), text_encoder,
                    meta.get("null_prompt", ""), device, dtype, autocast_bf16, meta)
-
-
-# --- sampling --------------------------------------------------------------------------------
-
-def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """'Trailing' spacing: starts at T - 1 (pure noise for a zero-terminal-SNR schedule), ends near 0."""
-    ts = torch.linspace(num_train_timesteps, 0, steps + 1)[:-1].round().long() - 1
-    return [int(t) for t in ts.clamp(0, num_train_timesteps - 1)]
-
-
-@torch.no_grad()
-def ddim_sample(teacher, cond: Cond, steps: int = 50, guidance: float = 3.0, generator: torch.Generator | None = None,
-                eta: float = 0.0, x_T: torch.Tensor | None = None, clip_x0: bool = True) -> torch.Tensor:
-    """DDIM (Song et al.) through the Teacher protocol only: images (B, C, R, R) in [0, 1], one per
-    prompt in `cond`. `clip_x0` clamps the predicted clean image to [-1, 1] each step (pixel teachers)."""
-    schedule = teacher.schedule
-    b = len(cond.prompts)
-    shape = (b, teacher.channels, teacher.resolution, teacher.resolution)
-    x = torch.randn(shape, generator=generator) if x_T is None else x_T.clone()
-    x = x.to(teacher.device, torch.float32)
-    ts = ddim_timesteps(schedule.num_train_timesteps, steps)
-    abar = schedule.alphas_cumprod.double()
-    for i, t in enumerate(ts):
-        tt = torch.full((b,), t, dtype=torch.long, device=x.device)
-        eps = teacher.predict_eps(x, tt, cond, guidance).float()
-        a = abar[t]
-        a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
-        x0 = (x.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
-            eps = ((x.double() - a.sqrt() * x0) / (1 - a).sqrt()).float()
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-        direction = (1 - a_prev - sigma ** 2).clamp_min(0).sqrt() * eps.double()
-        x = a_prev.sqrt() * x0 + direction
-        if eta > 0 and i + 1 < len(ts):
-            x = x + sigma * torch.randn(shape, generator=generator).to(x.device, torch.float64)
-        x = x.float()
-    return teacher.decode(x)

@@ -3,6 +3,7 @@
     python -m sds3d.teachers.training train --out runs/teacher --max-minutes 170   # starts or resumes
     python -m sds3d.teachers.training export --run runs/teacher                      # -> sds3d/assets/teacher
     python -m sds3d.teachers.training eval --teacher sds3d/assets/teacher            # DDIM-50 over prompts/world.txt
+    python -m sds3d.teachers.training sample "a red cube" --solver dpmpp-2m --steps 10  # PNGs, NFE, seconds
 
 What makes it cheap on a CPU (benchmarks/teacher_train_speed.py, benchmarks/teacher_short_runs.py):
 a lean full-resolution UNet (32/64/128 channels, 3.3M parameters; a 2x2 patchify stem was as
@@ -36,9 +37,13 @@ import torch
 
 from ..io import atomic_save_torch, atomic_write_text
 from .base import NoiseSchedule
-from .embedded import ASSET_DIR, EmbeddedTeacher, LeanUNet, NetConfig, ddim_sample, make_schedule
+from ..distill.solvers import ddim_sample
+from .embedded import ASSET_DIR, EmbeddedTeacher, LeanUNet, NetConfig, make_schedule
 
 CHECKPOINT = "checkpoints/last.pt"
+# The DDIM the embedded teacher's evaluations (model card, `teacher eval`) were made with: trailing
+# timesteps from T - 1 (zero terminal SNR), predicted x0 clamped to the pixel range, final abar = 1.
+EMBEDDED_DDIM = dict(spacing="trailing", clip_x0=True)
 
 
 @dataclass
@@ -418,7 +423,7 @@ class TeacherTrainer:
         prompts = eval_prompt_list(cfg.eval_prompts)
         teacher = self.teacher()
         images = ddim_sample(teacher, teacher.encode_prompt(prompts), cfg.eval_steps, cfg.eval_guidance,
-                             torch.Generator().manual_seed(1234))
+                             torch.Generator().manual_seed(1234), **EMBEDDED_DDIM).images
         self.ema.eval()
         result = {"step": self.step, **score_samples(images, prompts), "seconds": round(time.time() - start, 1)}
         samples_dir = self.out_dir / "samples"
@@ -616,7 +621,7 @@ def evaluate_teacher(teacher: EmbeddedTeacher, prompts: list[str] | None = None,
     start = time.time()
     for i in range(0, len(todo), batch_size):
         chunk = todo[i:i + batch_size]
-        images.append(ddim_sample(teacher, teacher.encode_prompt(chunk), steps, guidance, gen))
+        images.append(ddim_sample(teacher, teacher.encode_prompt(chunk), steps, guidance, gen, **EMBEDDED_DDIM).images)
         log(f"sampled {i + len(chunk)}/{len(todo)} ({time.time() - start:.0f} s)")
     images = torch.cat(images)
     out = {"prompts": len(prompts), "samples": len(todo), "steps": steps, "guidance": guidance,
@@ -639,8 +644,8 @@ def evaluate_teacher(teacher: EmbeddedTeacher, prompts: list[str] | None = None,
 
 
 def add_teacher_parser(sub) -> None:
-    """Adds `teacher train|export|eval` to an argparse subparsers object (for sds3d/cli.py)."""
-    teacher = sub.add_parser("teacher", help="train, export or evaluate the embedded teacher")
+    """Adds `teacher train|export|eval|sample` to an argparse subparsers object (for sds3d/cli.py)."""
+    teacher = sub.add_parser("teacher", help="train, export, evaluate or sample a teacher")
     tsub = teacher.add_subparsers(dest="teacher_command", required=True)
     tr = tsub.add_parser("train", help="start or resume training in --out (resumes when --out has a checkpoint)")
     tr.add_argument("--out", required=True)
@@ -660,6 +665,19 @@ def add_teacher_parser(sub) -> None:
     ev.add_argument("--guidance", type=float, default=3.0)
     ev.add_argument("--out", default=None, help="write metrics JSON and a sample grid here")
     ev.add_argument("--threads", type=int, default=None)
+    sa = tsub.add_parser("sample", help="sample images from a teacher with a chosen solver; prints NFE and seconds")
+    sa.add_argument("prompt")
+    sa.add_argument("--teacher", default="embedded",
+                    help="'embedded' (the shipped teacher), an embedded teacher folder, or a diffusers folder / hub id")
+    sa.add_argument("--solver", default="ddim", help="ddim | dpmpp-2m | dpmpp-3m | heun (default ddim)")
+    sa.add_argument("--steps", type=int, default=25)
+    sa.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 3 embedded, 7.5 diffusers)")
+    sa.add_argument("--spacing", default=None,
+                    help="timesteps: trailing | leading | linspace, or karras for heun (default: heun karras, others trailing)")
+    sa.add_argument("--num-images", type=int, default=1)
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--negative-prompt", default=None)
+    sa.add_argument("--out", default="outputs/teacher-samples", help="folder for the PNGs (existing files are never overwritten)")
 
 
 def _config_from_args(args) -> TrainConfig | None:
@@ -714,7 +732,72 @@ def cmd_teacher(args) -> int:
             atomic_write_text(out / "teacher_eval.json", json.dumps(metrics, indent=2) + "\n")
             save_grid(images, out / "teacher_samples.png", columns=16)
         return 0
+    if args.teacher_command == "sample":
+        paths, result, seconds = sample_teacher(args.prompt, args.teacher, args.solver, args.steps, args.guidance,
+                                                args.num_images, args.seed, args.negative_prompt, args.out, args.spacing)
+        print(f"wrote {len(paths)} image(s) to {Path(args.out)}: {args.solver}, {args.steps} steps, "
+              f"NFE {result.nfe}, {seconds:.2f} s")
+        return 0
     raise ValueError(args.teacher_command)
+
+
+def load_teacher(spec: str = "embedded"):
+    """'embedded' -> the shipped teacher; a folder written by `teacher export` -> that embedded teacher;
+    anything else -> a diffusers teacher (local folder or hub id)."""
+    folder = Path(spec)
+    if spec == "embedded":
+        return EmbeddedTeacher.load()
+    if (folder / "config.json").is_file():
+        try:
+            is_embedded = json.loads((folder / "config.json").read_text()).get("format") == "sds3d-embedded-teacher"
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            is_embedded = False
+        if is_embedded:
+            return EmbeddedTeacher.load(folder)
+    from .diffusers import load_diffusers_teacher  # imported here: heavy, and optional for the embedded teacher
+
+    return load_diffusers_teacher(spec)
+
+
+def sample_teacher(prompt: str, teacher="embedded", solver: str = "ddim", steps: int = 25, guidance: float | None = None,
+                   num_images: int = 1, seed: int = 0, negative_prompt: str | None = None,
+                   out: str | Path = "outputs/teacher-samples", spacing: str | None = None):
+    """Sample `num_images` images of one prompt and write them as PNGs into `out`, refusing to overwrite.
+
+    Returns (paths, SampleResult, seconds of sampling). `teacher` is a Teacher or a `load_teacher` spec;
+    guidance defaults to 3 for the embedded teacher and 7.5 otherwise; spacing to the solver's own
+    default. The embedded teacher's DDIM runs with its evaluation settings (clamped x0)."""
+    from ..distill.solvers import check_solver, sample
+    from ..export.video import save_image
+    from ..io import slugify
+
+    if not str(prompt).strip():
+        raise ValueError("prompt is empty: give the text to sample, e.g. 'a red cube'")
+    check_solver(solver)
+    if num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {num_images}")
+    if guidance is not None and not math.isfinite(guidance):
+        raise ValueError(f"--guidance must be a finite number, got {guidance}")
+    out = Path(out)
+    names = [f"{slugify(prompt)}-{solver}-{steps}steps-seed{seed}-{i}.png" for i in range(num_images)]
+    taken = [n for n in names if (out / n).exists()]
+    if taken:
+        raise ValueError(f"{out} already holds {taken[0]} ({len(taken)} of {len(names)} files): "
+                         "choose another --out or --seed; nothing was written")
+    if isinstance(teacher, str):
+        teacher = load_teacher(teacher)
+    embedded = isinstance(teacher, EmbeddedTeacher)
+    guidance = (3.0 if embedded else 7.5) if guidance is None else float(guidance)
+    options = dict(EMBEDDED_DDIM) if embedded and solver == "ddim" else {}
+    if spacing is not None:
+        options["spacing"] = spacing
+    cond = teacher.encode_prompt([prompt] * num_images,
+                                 None if negative_prompt is None else [negative_prompt] * num_images)
+    start = time.perf_counter()
+    result = sample(teacher, cond, solver, steps, guidance, torch.Generator().manual_seed(seed), **options)
+    seconds = time.perf_counter() - start
+    paths = [save_image(out / name, image) for name, image in zip(names, result.images)]
+    return paths, result, seconds
 
 
 def main(argv=None) -> int:
