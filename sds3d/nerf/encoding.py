@@ -23,13 +23,19 @@ with one `index_add_` per level and feature instead of autograd's chain of slice
 Points that require grad (e.g. normals checked against autograd) go through `hash_grid_encode`
 under plain autograd: the same formulas.
 
-Backends: ``HashGridEncoding(backend=...)`` picks the implementation behind the same parameter
-(``self.table``), so state_dicts move between them: "torch" (this file), "cpp" (the fused OpenMP
-op of `sds3d.nerf.hashgrid_cpp`, JIT-built on first use) or "auto" (cpp when it builds, else torch).
+Backends: ``HashGridEncoding(backend=...)`` picks the implementation: "torch" (this file), "cpp"
+(the fused OpenMP op of `sds3d.nerf.hashgrid_cpp`, JIT-built on first use), "tcnn" (tiny-cuda-nn's
+fused CUDA grid, imported only when chosen) or "auto" (tcnn for a CUDA device when tinycudann
+imports; otherwise cpp when it builds, else torch). torch and cpp share one parameter (``self.table``,
+(L, T, F)), so their state_dicts move between them. tcnn keeps its own flat parameter vector
+(``self.tcnn.params``): it indexes coarse levels densely and sizes each level's table to fit, so its
+layout differs, and loading a state_dict across the two families fails with one clear line. tcnn
+gives no Jacobian: a field on it computes normals by finite differences (`NeRFField`).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -190,52 +196,133 @@ class _HashGridInterp(torch.autograd.Function):
         return grad_planes.transpose(1, 2), None, None, None
 
 
-BACKENDS = ("auto", "torch", "cpp")  # "tcnn" (tiny-cuda-nn on CUDA) goes here later: see `select_backend`
+BACKENDS = ("auto", "torch", "cpp", "tcnn")
+TCNN_INSTALL = "pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch"
 
 
-def select_backend(backend: str) -> str:
-    """The implementation for float32 CPU tensors: "torch" or "cpp" ("auto": cpp if it builds here).
+class BackendUnavailableError(RuntimeError, ValueError):
+    """A hash grid backend that cannot run here (what is missing and how to get it in one line)."""
 
-    "auto" never fails: without a compiler (or if the build fails) it prints one warning line and
-    takes "torch". An explicit "cpp" that cannot be built raises. A tiny-cuda-nn backend ("tcnn")
-    would be chosen here too, for CUDA tensors (`HashGridEncoding._encode` dispatches on the
-    device), with its own parameter layout converted in load_state_dict.
+
+def _is_cuda(device) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def _import_tinycudann():
+    """The tinycudann module, or raise with the reason. Imported here only, never at module level.
+
+    tiny-cuda-nn's bindings raise EnvironmentError (not ImportError) at import where torch sees no
+    GPU, hence the broad except in the callers.
+    """
+    return importlib.import_module("tinycudann")
+
+
+def tcnn_unavailable_reason() -> str | None:
+    """None when `import tinycudann` works, else the one-line reason it does not."""
+    try:
+        _import_tinycudann()
+    except Exception as error:  # noqa: BLE001 - ImportError, EnvironmentError (no GPU), a broken build ...
+        text = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+    return None
+
+
+def select_backend(backend: str, device=None) -> str:
+    """The implementation to use for a grid on `device` (None: CPU): "torch", "cpp" or "tcnn".
+
+    "auto": "tcnn" when the device is CUDA (and torch sees a GPU) and `import tinycudann` works;
+    on CUDA without it "torch" (the fused CPU op does not apply to CUDA tensors); on CPU "cpp" if
+    the fused op builds, else "torch" with one warning line (printed by `hashgrid_cpp.available`).
+    tinycudann is never imported for a CPU device. An explicit "cpp" that cannot be built, or an
+    explicit "tcnn" without CUDA or without tinycudann, raises `BackendUnavailableError` (both a
+    RuntimeError and a ValueError) with one line naming what is missing. An explicit "tcnn" with no
+    device means CUDA (the only place it runs).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown hash grid backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "tcnn" and device is None:
+        device = "cuda"
+    cuda = _is_cuda(device) and torch.cuda.is_available()
     if backend == "auto":
+        if cuda:
+            return "tcnn" if tcnn_unavailable_reason() is None else "torch"
         return "cpp" if hashgrid_cpp.available() else "torch"
     if backend == "cpp":
         hashgrid_cpp.load()  # raises RuntimeError naming the reason
+    if backend == "tcnn":
+        if not cuda:
+            where = "torch.cuda.is_available() is False" if not torch.cuda.is_available() else f"the device is {device}"
+            raise BackendUnavailableError(
+                f"hash grid backend 'tcnn' needs a CUDA device ({where}); use a GPU with a CUDA build of PyTorch, "
+                f"or choose backend auto, cpp or torch")
+        reason = tcnn_unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"hash grid backend 'tcnn' needs tiny-cuda-nn's PyTorch bindings (import tinycudann failed: {reason}); "
+                f"install them with `{TCNN_INSTALL}`, or choose backend auto, cpp or torch")
     return backend
+
+
+def tcnn_encoding_config(n_levels: int, n_features_per_level: int, log2_hashmap_size: int, base_resolution: int,
+                         per_level_scale: float) -> dict:
+    """tiny-cuda-nn's HashGrid configuration for the same hyperparameters."""
+    return {"otype": "HashGrid", "n_levels": n_levels, "n_features_per_level": n_features_per_level,
+            "log2_hashmap_size": log2_hashmap_size, "base_resolution": base_resolution,
+            "per_level_scale": float(per_level_scale)}
+
+
+def _layout_name(backend: str) -> str:
+    return "tcnn (tiny-cuda-nn, flat params)" if backend == "tcnn" else f"{backend} ((L, T, F) table)"
 
 
 class HashGridEncoding(nn.Module):
     """Instant-NGP multiresolution hash grid: x in [0, 1]^3 (N, 3) -> features (N, L * F).
 
     Parameters live in one table ``self.table`` (L, T, F), initialised uniform(-init_scale,
-    init_scale) as in tiny-cuda-nn. ``backend`` ("torch", "cpp" or "auto") picks the implementation
-    (see `select_backend`); all share the parameter layout, so state_dicts are interchangeable.
-    "cpp" is checked (built) at construction; "auto" is settled the first time it matters, i.e. on
-    the first use with a float32 CPU table, so a module moved to a GPU never builds the CPU op. The
-    attribute ``backend`` reports the implementation in use. The fused op takes float32 CPU
+    init_scale) as in tiny-cuda-nn. ``backend`` ("torch", "cpp", "tcnn" or "auto") picks the
+    implementation (see `select_backend`); torch and cpp share the parameter layout, so their
+    state_dicts are interchangeable. "cpp" is checked (built) at construction; "auto" for a CPU
+    device (``device`` None or "cpu") is settled the first time it matters, i.e. on the first use
+    with a float32 CPU table, so a module moved to a GPU never builds the CPU op. "auto" for a CUDA
+    ``device`` is settled at construction (the parameter layout depends on it): "tcnn" when
+    tinycudann imports. With "tcnn" the parameters are tiny-cuda-nn's flat vector
+    ``self.tcnn.params`` on the GPU (no ``table``) and `forward_with_jacobian` is unavailable. The
+    attribute ``backend`` reports the implementation in use. The fused CPU op takes float32 CPU
     tensors and points that need no gradient; any other call (points requiring grad, e.g. for
     autograd normals; another device or dtype) goes through the torch path.
     """
 
     def __init__(self, n_levels: int = 16, n_features_per_level: int = 2, log2_hashmap_size: int = 19,
                  base_resolution: int = 16, per_level_scale: float = 1.447269, max_resolution: int | None = None,
-                 init_scale: float = 1e-4, backend: str = "torch"):
+                 init_scale: float = 1e-4, backend: str = "torch", device=None):
         super().__init__()
-        self._backend = backend if backend == "auto" else select_backend(backend)
+        if backend == "auto" and not _is_cuda(device):
+            self._backend = "auto"  # settled on first use (see the class docstring)
+        else:
+            self._backend = select_backend(backend, device)
         if max_resolution is not None:
             per_level_scale = math.exp((math.log(max_resolution) - math.log(base_resolution)) / max(n_levels - 1, 1))
         self.n_levels, self.n_features_per_level = n_levels, n_features_per_level
         self.log2_hashmap_size, self.base_resolution, self.per_level_scale = log2_hashmap_size, base_resolution, per_level_scale
         self.register_buffer("resolutions", level_resolutions(n_levels, base_resolution, per_level_scale), persistent=False)
         self._resolutions = tuple(float(r) for r in self.resolutions)
+        if self._backend == "tcnn":
+            self.tcnn = self._make_tcnn(init_scale)
+            return
         table_size = 2 ** log2_hashmap_size
         self.table = nn.Parameter((torch.rand(n_levels, table_size, n_features_per_level) * 2 - 1) * init_scale)
+        if device is not None:
+            self.to(device)
+
+    def _make_tcnn(self, init_scale: float) -> nn.Module:
+        """tiny-cuda-nn's hash grid with this module's hyperparameters, float32 parameters and output."""
+        tcnn = _import_tinycudann()
+        config = tcnn_encoding_config(self.n_levels, self.n_features_per_level, self.log2_hashmap_size,
+                                      self.base_resolution, self.per_level_scale)
+        module = tcnn.Encoding(n_input_dims=3, encoding_config=config, dtype=torch.float32)
+        with torch.no_grad():  # drawn from torch's RNG (seeded runs stay reproducible), same range as the table
+            module.params.copy_((torch.rand(module.params.shape) * 2 - 1) * init_scale)
+        return module
 
     @property
     def output_dim(self) -> int:
@@ -243,6 +330,8 @@ class HashGridEncoding(nn.Module):
 
     @property
     def backend(self) -> str:
+        if self._backend == "tcnn":
+            return "tcnn"
         if self._backend == "torch" or not (self.table.device.type == "cpu" and self.table.dtype == torch.float32):
             return "torch"
         return self._cpu_backend()
@@ -252,7 +341,20 @@ class HashGridEncoding(nn.Module):
             self._backend = select_backend("auto")
         return self._backend
 
+    @property
+    def has_jacobian(self) -> bool:
+        """Whether `forward_with_jacobian` works (every backend but tcnn)."""
+        return self._backend != "tcnn"
+
     def _encode(self, x: torch.Tensor, with_jacobian: bool):
+        if self._backend == "tcnn":
+            if with_jacobian:
+                raise RuntimeError("the tcnn hash grid gives no Jacobian; use finite-difference normals "
+                                   "(NeRFField(normals='finite_difference'), the default for this backend)")
+            params = self.tcnn.params
+            if x.shape[0] == 0:  # no kernel launch for an empty batch; the graph to the parameters stays
+                return params.new_zeros(0, self.output_dim) + params[:1].sum() * 0.0, None
+            return self.tcnn(x.clamp(0.0, 1.0).contiguous()).float(), None
         if self._backend != "torch" and hashgrid_cpp.supports(self.table, x) and self._cpu_backend() == "cpp":
             feats, jacs = hashgrid_cpp.encode(self.table, x, self.resolutions, with_jacobian)
             return self._unplanar(feats, jacs, x.shape[0], with_jacobian)
@@ -283,6 +385,20 @@ class HashGridEncoding(nn.Module):
         GEMM each, ``W @ (D, N)`` and ``W @ (D, 3 * N)`` (see `NeRFField`).
         """
         return self._encode(x, True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Refuse, in one line, a state_dict whose parameter layout is the other family's (tcnn vs torch/cpp)."""
+        mine = "tcnn" if self._backend == "tcnn" else "cpu"
+        written = {"tcnn": prefix + "tcnn.params" in state_dict, "cpu": prefix + "table" in state_dict}
+        if not written[mine] and any(written.values()):
+            writer = "tcnn" if written["tcnn"] else "torch/cpp"
+            raise RuntimeError(
+                f"hash grid state_dict ({prefix or '<root>'}) was written by the {_layout_name(writer)} backend, "
+                f"but this encoder uses the {_layout_name(self.backend)} backend: the parameter layouts differ; "
+                f"load it with backend {'tcnn (on CUDA)' if writer == 'tcnn' else 'torch or cpp'}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return (f"levels={self.n_levels}, features={self.n_features_per_level}, table=2^{self.log2_hashmap_size}, "

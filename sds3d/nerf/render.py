@@ -6,9 +6,17 @@ Samples are kept in a dense (rays, samples) layout because nerfacc's batched fun
 that run on CPU (its packed functions and estimators want CUDA). Empty space still costs nothing
 in the field: samples in unoccupied cells are dropped before the field is evaluated, and the field
 is run on the kept samples only; their outputs are scattered back with density 0 elsewhere.
+
+On CUDA (a field on a GPU and nerfacc's CUDA extension usable; see `sds3d.nerf.backends`), the
+pipeline holds a `CudaOccupancy` (nerfacc's `OccGridEstimator` behind `OccupancyGrid`'s interface)
+and `render_image` renders with `render_rays_packed`: nerfacc marches the rays through the grid
+(fixed step, empty cells and, with `early_stop_eps`, occluded samples skipped) and composites the
+packed samples. Same output dict as `render_rays`, without "weights" (packed, not (R, S)).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -53,7 +61,8 @@ class OccupancyGrid(nn.Module):
         if step is not None and step % self.update_every != 0:
             return False
         centers = self.cell_centers()
-        jitter = torch.rand(centers.shape, generator=generator, device=centers.device) - 0.5
+        jitter = torch.rand(centers.shape, generator=generator,  # on the generator's device, then the grid's
+                            device=centers.device if generator is None else generator.device).to(centers.device) - 0.5
         points = centers + jitter * self.cell_size
         density = torch.cat([field.density(p) for p in points.split(chunk)]).view(self.mask.shape)
         seen = self.density_ema >= 0
@@ -73,6 +82,67 @@ class OccupancyGrid(nn.Module):
         return float(self.mask.float().mean())
 
 
+class CudaOccupancy(nn.Module):
+    """nerfacc's `OccGridEstimator` (CUDA only) with `OccupancyGrid`'s interface: `update(field, step,
+    generator)`, `occupied`, `occupied_fraction` and a state_dict (the estimator's buffers).
+
+    Same rule as `OccupancyGrid`: the occupancy value is the density (threshold 0.01 on density),
+    ema = max(decay * ema, density), occupied where ema > min(threshold, mean). nerfacc re-evaluates
+    every cell for `warmup_steps` steps, then a quarter of the cells at random plus as many occupied
+    ones. Every cell starts occupied. Random draws come from torch's global CUDA generator (nerfacc
+    takes no generator), so `generator` is ignored: runs are not bit-reproducible here.
+    """
+
+    packed = True  # render_image: render with `render_rays_packed`
+
+    def __init__(self, radius: float = 1.0, resolution: int = 32, decay: float = 0.95, threshold: float = 0.01,
+                 update_every: int = 16, levels: int = 1, warmup_steps: int = 256, device="cuda",
+                 chunk: int = 262144):
+        super().__init__()
+        from nerfacc import OccGridEstimator  # nerfacc's import is slow: lazy
+
+        self.radius, self.resolution, self.decay, self.threshold = radius, resolution, decay, threshold
+        self.update_every, self.levels, self.warmup_steps, self.chunk = update_every, levels, warmup_steps, chunk
+        self.estimator = OccGridEstimator(roi_aabb=[-radius] * 3 + [radius] * 3, resolution=resolution,
+                                          levels=levels).to(device)
+        self.estimator.binaries.fill_(True)
+
+    def render_step_size(self, num_samples: int) -> float:
+        """The marching step: the box diagonal in `num_samples` steps (threestudio's rule)."""
+        return 2.0 * math.sqrt(3.0) * self.radius / num_samples
+
+    @torch.no_grad()
+    def update(self, field, step: int | None = None, generator: torch.Generator | None = None) -> bool:
+        """Re-evaluate the density on the grid (every `update_every` steps when `step` is given)."""
+        if step is not None and step % self.update_every != 0:
+            return False
+
+        def occ_eval_fn(x):  # (M, 3) world points -> (M,) density
+            return torch.cat([field.density(p) for p in x.split(self.chunk)]) if x.shape[0] else x.new_zeros(0)
+
+        self.estimator.train()  # update_every_n_steps refuses an estimator in eval mode
+        self.estimator.update_every_n_steps(step=step or 0, occ_eval_fn=occ_eval_fn, occ_thre=self.threshold,
+                                            ema_decay=self.decay, warmup_steps=self.warmup_steps, n=1)
+        return True
+
+    def occupied(self, points: torch.Tensor) -> torch.Tensor:
+        """Bool mask (...,) of points inside the box and in an occupied cell of the finest level."""
+        cell = ((points + self.radius) / (2.0 * self.radius / self.resolution)).floor().long()
+        inside = ((cell >= 0) & (cell < self.resolution)).all(-1)
+        cell = cell.clamp(0, self.resolution - 1)
+        return inside & self.estimator.binaries[0][cell[..., 0], cell[..., 1], cell[..., 2]]
+
+    def occupied_fraction(self) -> float:
+        return float(self.estimator.binaries[0].float().mean())
+
+
+def field_device(field) -> torch.device:
+    """The device of the field's parameters (CPU for a field without any)."""
+    params = getattr(field, "parameters", None)
+    first = next(params(), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 def stratified_samples(origins: torch.Tensor, dirs: torch.Tensor, num_samples: int, radius: float,
                        stratified: bool = True, generator: torch.Generator | None = None):
     """Equal intervals over each ray's chord through the box, one sample per interval.
@@ -85,8 +155,9 @@ def stratified_samples(origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
     edges = torch.linspace(0.0, 1.0, num_samples + 1, device=origins.device)
     edges = t_near[:, None] + (t_far - t_near)[:, None] * edges
     t_starts, t_ends = edges[:, :-1], edges[:, 1:]
-    if stratified:
-        u = torch.rand(t_starts.shape, generator=generator, device=origins.device)
+    if stratified:  # drawn on the generator's device (a CPU generator serves CUDA rays too)
+        u = torch.rand(t_starts.shape, generator=generator,
+                       device=origins.device if generator is None else generator.device).to(origins.device)
     else:
         u = torch.full_like(t_starts, 0.5)
     return t_starts, t_ends, t_starts + u * (t_ends - t_starts), hit
@@ -171,34 +242,111 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
     return result
 
 
+def render_rays_packed(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: int = 64,
+                       occupancy: CudaOccupancy | None = None, shading: str = "albedo",
+                       light: torch.Tensor | None = None, background=1.0, generator: torch.Generator | None = None,
+                       stratified: bool = True, need_normals: bool = False, ambient: float = 0.5,
+                       early_stop_eps: float = 0.0, alpha_thre: float = 0.0) -> dict[str, torch.Tensor]:
+    """`render_rays` on CUDA with nerfacc's packed samples (same arguments and outputs, no "weights").
+
+    `occupancy.estimator` (nerfacc's OccGridEstimator) marches each ray through the occupied cells of
+    the box with step `occupancy.render_step_size(num_samples)` (stratified: a random offset per
+    ray); with early_stop_eps > 0 or alpha_thre > 0 a density pass without gradients drops samples
+    whose transmittance is below early_stop_eps (or whose alpha is below alpha_thre). The field
+    then runs once on the packed samples, and weights and per-ray sums come from nerfacc's
+    `render_weight_from_density` / `accumulate_along_rays` with `ray_indices`. Depth is sum(w t)
+    (not divided by the opacity), as in `render_rays`. `generator` is unused (nerfacc draws from
+    the global CUDA generator).
+    """
+    if shading not in SHADINGS:
+        raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
+    if occupancy is None or not hasattr(occupancy, "estimator"):
+        raise ValueError("render_rays_packed needs a CudaOccupancy (nerfacc's OccGridEstimator)")
+    from nerfacc.volrend import accumulate_along_rays, render_weight_from_density  # slow import: lazy
+
+    with_normals = need_normals or shading != "albedo"
+    n_rays = origins.shape[0]
+    origins, dirs = origins.contiguous(), dirs.contiguous()
+
+    def sigma_fn(t_starts, t_ends, ray_indices):
+        t_mid = (t_starts + t_ends)[:, None] * 0.5
+        return field.density(origins[ray_indices] + dirs[ray_indices] * t_mid)
+
+    ray_indices, t_starts, t_ends = occupancy.estimator.sampling(
+        origins, dirs, sigma_fn=sigma_fn if (early_stop_eps > 0 or alpha_thre > 0) else None,
+        render_step_size=occupancy.render_step_size(num_samples), stratified=stratified,
+        early_stop_eps=early_stop_eps, alpha_thre=alpha_thre)
+    ray_indices = ray_indices.long()
+    t_mid = (t_starts + t_ends) * 0.5
+    # The field runs on the packed samples (even none: the graph to its parameters stays intact).
+    out = field(origins[ray_indices] + dirs[ray_indices] * t_mid[:, None], with_normals=with_normals)
+
+    if shading == "albedo":
+        colors = out["albedo"]
+    else:
+        light = -dirs if light is None else light
+        base = out["albedo"] if shading == "lambertian" else torch.ones_like(out["albedo"])
+        colors = shade_lambertian(base, out["normal"], light[ray_indices], ambient)
+
+    if t_starts.numel() > 0:
+        weights, _, _ = render_weight_from_density(t_starts, t_ends, out["density"], ray_indices=ray_indices,
+                                                   n_rays=n_rays)
+    else:  # no sample on any ray: skip nerfacc's scans (no empty CUDA launches)
+        weights = out["density"] * 0.0
+
+    def accumulate(values):
+        return accumulate_along_rays(weights, values, ray_indices=ray_indices, n_rays=n_rays)
+
+    opacity = accumulate(None)
+    rgb = accumulate(colors)
+    background = torch.as_tensor(background, dtype=rgb.dtype, device=rgb.device)
+    result = {
+        "rgb": rgb + (1.0 - opacity) * background,
+        "opacity": opacity,
+        "depth": accumulate(t_mid[:, None]),
+        "albedo": accumulate(out["albedo"]),
+    }
+    if with_normals:
+        result["normal"] = accumulate(out["normal"])
+        # DreamFusion's orientation penalty (see `orientation_loss`), per packed sample then per ray.
+        cos = (out["normal"] * dirs[ray_indices]).sum(-1)
+        result["orientation_loss"] = accumulate_along_rays(weights.detach(), (cos.clamp_min(0.0) ** 2)[:, None],
+                                                           ray_indices=ray_indices, n_rays=n_rays)[:, 0]
+    return result
+
+
 def render_image(field, camera: Camera, chunk: int | None = None, light: torch.Tensor | None = None,
                  background=1.0, jitter: bool = False, **kwargs) -> dict[str, torch.Tensor]:
-    """Render every pixel of `camera`: a dict of (B, C, H, W) images (weights: C = samples).
+    """Render every pixel of `camera`: a dict of (B, C, H, W) images (weights: C = samples; not packed).
 
     light (B, 3) defaults to `light_direction(camera)`, the rule the synthetic world renders with.
     background: scalar, (3,), (B, 3) or (B, 3, H, W). `chunk` bounds the rays per field call.
     jitter: rays through random points of their pixels (drawn from kwargs' `generator`).
+    Rays go to the field's device; with a `CudaOccupancy` on a CUDA field they are rendered by
+    `render_rays_packed` (nerfacc's estimator), otherwise by `render_rays`.
     """
     b, h, w = camera.batch_size, camera.height, camera.width
-    origins, dirs = (v.reshape(-1, 3) for v in camera_rays(camera, jitter, kwargs.get("generator")))
+    device = field_device(field)
+    origins, dirs = (v.reshape(-1, 3).to(device) for v in camera_rays(camera, jitter, kwargs.get("generator")))
     needs_light = kwargs.get("shading", "albedo") != "albedo"
     if light is None and needs_light:
         light = light_direction(camera)
     if light is not None:
-        light = light[:, None, :].expand(b, h * w, 3).reshape(-1, 3)
+        light = light.to(device)[:, None, :].expand(b, h * w, 3).reshape(-1, 3)
     background = torch.as_tensor(background, dtype=torch.float32, device=origins.device)
     if background.dim() == 4:
         background = background.permute(0, 2, 3, 1).reshape(-1, 3)
     elif background.dim() == 2:
         background = background[:, None, :].expand(b, h * w, 3).reshape(-1, 3)
 
+    packed = getattr(kwargs.get("occupancy"), "packed", False) and device.type == "cuda"
+    render = render_rays_packed if packed else render_rays
     chunk = chunk or origins.shape[0]
     parts = []
     for start in range(0, origins.shape[0], chunk):
         sl = slice(start, start + chunk)
-        parts.append(render_rays(field, origins[sl], dirs[sl],
-                                 light=None if light is None else light[sl],
-                                 background=background[sl] if background.dim() == 2 else background, **kwargs))
+        parts.append(render(field, origins[sl], dirs[sl], light=None if light is None else light[sl],
+                            background=background[sl] if background.dim() == 2 else background, **kwargs))
     images = {}
     for key in parts[0]:
         v = torch.cat([p[key] for p in parts])

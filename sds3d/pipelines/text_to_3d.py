@@ -13,6 +13,7 @@ A run lives in its own folder:
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,10 @@ from ..config import GenerateConfig
 from ..distill.schedules import annealed_range
 from ..distill.score import NFSD_NEGATIVE_PROMPT, lora_diffusion_loss, nfsd_loss, sds_loss, vsd_loss
 from ..io import atomic_save_torch, atomic_write_text, prepare_run_folder, slugify
+from ..nerf.backends import describe_backends, field_device, make_occupancy
 from ..nerf.cameras import VIEW_NAMES, orbit_cameras, sample_cameras, view_names
 from ..nerf.field import NeRFField
-from ..nerf.render import OccupancyGrid, opacity_entropy_loss, opacity_sparsity_loss, render_image
+from ..nerf.render import opacity_entropy_loss, opacity_sparsity_loss, render_image
 from ..teachers.base import Cond
 
 
@@ -132,8 +134,9 @@ class TextTo3D:
         torch.manual_seed(self.config.seed)
         self.field = make_field(self.config)
         self.optimizer = make_optimizer(self.config, self.field)
-        self.occupancy = OccupancyGrid(resolution=self.config.occupancy_resolution,
-                                       update_every=self.config.occupancy_update_every)
+        # nerfacc's OccGridEstimator for a field on CUDA (when its extension loads), else our OccupancyGrid
+        self.occupancy = make_occupancy(field_device(self.field), resolution=self.config.occupancy_resolution,
+                                        update_every=self.config.occupancy_update_every)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.step = 0
         self.lora = self.lora_optimizer = None
@@ -188,6 +191,8 @@ class TextTo3D:
 
         cfg = self.config
         self._init_state()
+        if show_progress:  # once per run: which hash grid and sampler this run uses
+            print(describe_backends(field_device(self.field), self.field.encoding.backend), file=sys.stderr, flush=True)
         if self.teacher is None:
             self.teacher = make_teacher(cfg)
         if cfg.loss == "vsd":
