@@ -1,12 +1,16 @@
 """Seconds per SDS optimization step of `generate`, split into render / teacher / backward.
 
-    python benchmarks/step.py [--resolution 48] [--steps 20] [--preset cpu-fast]
+    python benchmarks/step.py [--resolution 32 64] [--steps 20] [--preset cpu-fast] [--checkpoint RUN/checkpoints/last.pt]
+
+A fresh field is a blob filling much of the box; `--checkpoint` times the steps of a trained
+field (e.g. the last checkpoint of `sds3d generate "a red cube"`), which is what most of a run costs.
 """
 
 import argparse
 import time
 
 import torch
+import yaml
 
 from sds3d.config import make_config
 from sds3d.distill.score import sds_loss
@@ -24,15 +28,24 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--shading", default="lambertian")
     parser.add_argument("--encoding-backend", default="auto", choices=["auto", "cpp", "torch"])
+    parser.add_argument("--checkpoint", default=None, help="a run's checkpoints/last.pt: time a trained field")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="config overrides, e.g. early_stop_eps=0 num_samples=32 (YAML values)")
     args = parser.parse_args()
     for resolution in args.resolution:
+        overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
         cfg = make_config(args.preset, prompt=args.prompt, teacher=args.teacher, render_resolution=resolution,
-                          encoding_backend=args.encoding_backend)
+                          encoding_backend=args.encoding_backend, **overrides)
         torch.manual_seed(0)
-        field, teacher = make_field(cfg), make_teacher(cfg)
+        field, teacher = make_field(cfg), make_teacher(cfg)  # on the CPU
         optimizer = make_optimizer(cfg, field)
-        occupancy = OccupancyGrid(resolution=cfg.occupancy_resolution)
-        occupancy.update(field)
+        occupancy = OccupancyGrid(resolution=cfg.occupancy_resolution, update_every=cfg.occupancy_update_every)
+        if args.checkpoint:
+            state = torch.load(args.checkpoint, weights_only=False)
+            field.load_state_dict(state["field"])
+            occupancy.load_state_dict(state["occupancy"])
+        else:
+            occupancy.update(field)
         prompts = dict(zip(VIEW_NAMES, view_prompts(cfg, list(VIEW_NAMES))))
         teacher.encode_prompt(list(prompts.values()))
         if hasattr(teacher, "unconditional_data"):  # the oracle builds its image banks up front
@@ -53,6 +66,7 @@ def main():
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            occupancy.update(field, step=step + 1, generator=g)  # as the pipeline does
             t3 = time.perf_counter()
             if step >= 3:
                 for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):

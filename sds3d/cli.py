@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None, help="unconditional text for network teachers")
     gen.add_argument("--render-resolution", type=int, default=None)
     gen.add_argument("--batch-size", type=int, default=None)
-    gen.add_argument("--encoding-backend", default=None, help="auto (default), cpp or torch")
+    gen.add_argument("--encoding-backend", default=None, help="auto (default: tcnn on CUDA, cpp on CPU), cpp, torch or tcnn")
+    gen.add_argument("--device", default=None, help="auto (default: CUDA when there), cpu or cuda")
     gen.add_argument("--elevation-range", type=_range, default=None, metavar="LOW,HIGH")
     gen.add_argument("--distance-range", type=_range, default=None, metavar="LOW,HIGH")
     gen.add_argument("--out", default=None, help="run folder (default outputs/<prompt-slug>-<seed>)")
@@ -80,7 +81,7 @@ def cmd_generate(args) -> int:
 
     overrides = dict(prompt=args.prompt, seed=args.seed, steps=args.steps, teacher=args.teacher, loss=args.loss,
                      guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, render_resolution=args.render_resolution,
-                     batch_size=args.batch_size, encoding_backend=args.encoding_backend, elevation_range=args.elevation_range,
+                     batch_size=args.batch_size, encoding_backend=args.encoding_backend, device=args.device, elevation_range=args.elevation_range,
                      distance_range=args.distance_range)
     config = make_config(args.preset, **overrides)
     out = Path(args.out) if args.out else default_run_dir(config)

@@ -25,10 +25,13 @@ class GenerateConfig:
     steps: int = 800
     # rendering during optimization
     render_resolution: int = 64
+    # coarse to fine: the first `coarse_fraction` of the steps render at `coarse_resolution` (0: off)
+    coarse_resolution: int = 0
+    coarse_fraction: float = 0.5
     jitter_pixels: bool = False  # rays through random points of their pixels: antialiasing over steps
     num_samples: int = 48
     # samples with transmittance below this are skipped (early ray termination; 0 turns it off)
-    early_stop_eps: float = 1e-4
+    early_stop_eps: float = 0.0
     batch_size: int = 2
     background: float = 1.0
     # share of training images rendered over a random solid colour instead of `background`. The
@@ -55,7 +58,8 @@ class GenerateConfig:
     base_resolution: int = 16
     max_resolution: int = 512
     hidden_dim: int = 64
-    encoding_backend: str = "auto"  # "auto" (fused C++ op on CPU when it builds), "cpp" or "torch"
+    encoding_backend: str = "auto"  # "auto" (tcnn on CUDA, the fused C++ op on CPU), "cpp", "torch" or "tcnn"
+    device: str = "auto"  # where the field trains: "auto" (CUDA when there, but the oracle is CPU-only), "cpu", "cuda"
     blob_density: float = 10.0
     blob_radius: float = 0.5
     occupancy_resolution: int = 32
@@ -100,6 +104,8 @@ class GenerateConfig:
         need(isinstance(self.prompt, str) and self.prompt.strip() != "", "prompt", "give a non-empty prompt, e.g. \"a red cube\"")
         need(self.steps >= 1, "steps", "must be a positive integer")
         need(self.render_resolution >= 8, "render_resolution", "must be >= 8")
+        need(self.coarse_resolution == 0 or self.coarse_resolution >= 8, "coarse_resolution", "0 (off) or >= 8")
+        need(0.0 <= self.coarse_fraction <= 1.0, "coarse_fraction", "must be in [0, 1] (a fraction of the steps)")
         need(self.num_samples >= 4, "num_samples", "must be >= 4")
         need(0.0 <= self.early_stop_eps < 1.0, "early_stop_eps", "must be in [0, 1) (0 turns early ray termination off)")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -110,7 +116,11 @@ class GenerateConfig:
         need(self.lora_lr > 0, "lora_lr", "must be > 0")
         need(0.0 <= self.camera_drop_prob <= 1.0, "camera_drop_prob", "must be in [0, 1]")
         need(self.vae_resolution >= 8, "vae_resolution", "must be >= 8 (Stable Diffusion: 512)")
-        need(self.encoding_backend in ("auto", "cpp", "torch"), "encoding_backend", "allowed are auto, cpp, torch")
+        need(self.encoding_backend in ("auto", "cpp", "torch", "tcnn"), "encoding_backend",
+             "allowed are auto, cpp, torch, tcnn")
+        need(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", "allowed are auto, cpu, cuda[:N]")
+        need(not (self.teacher == "oracle" and self.device.startswith("cuda")), "device",
+             "the oracle teacher runs on the CPU: use device auto or cpu with it")
         need(isinstance(self.teacher, str) and self.teacher.strip() != "", "teacher",
              f"give {', '.join(TEACHERS)}, a diffusers pipeline folder or a hub id like stabilityai/stable-diffusion-2-1-base")
         need(self.guidance_scale >= 0, "guidance_scale", "must be >= 0")

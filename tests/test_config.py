@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from sds3d.config import ConfigError, GenerateConfig, make_config
 from sds3d.io import RunFolderError, prepare_run_folder
@@ -39,3 +40,25 @@ def test_teacher_defaults_sit_between_preset_and_overrides():
     oracle = make_config("cpu-fast", prompt="a", teacher="oracle")
     assert oracle.random_background_prob == 0.5 and oracle.guidance_scale == 1.0
     assert make_config("cpu-fast", prompt="a", teacher="oracle", guidance_scale=5.0).guidance_scale == 5.0
+
+
+def test_device_and_backend_values():
+    assert make_config("cpu-fast", prompt="a", encoding_backend="tcnn").encoding_backend == "tcnn"
+    for bad, match in [(dict(device="gpu"), "allowed are auto, cpu, cuda"),
+                       (dict(teacher="oracle", device="cuda"), "oracle teacher runs on the CPU"),
+                       (dict(encoding_backend="fast"), "allowed are auto, cpp, torch, tcnn"),
+                       (dict(coarse_fraction=1.5), "coarse_fraction")]:
+        with pytest.raises(ConfigError, match=match):
+            make_config("cpu-fast", prompt="a", **bad)
+
+
+def test_auto_device_is_the_cpu_without_cuda_and_explicit_cuda_is_refused(monkeypatch):
+    from sds3d.pipelines.text_to_3d import run_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_device(make_config("cpu-fast", prompt="a")).type == "cpu"
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        run_device(make_config("cpu-fast", prompt="a", device="cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_device(make_config("cpu-fast", prompt="a")).type == "cuda"
+    assert run_device(make_config("cpu-fast", prompt="a", teacher="oracle")).type == "cpu"  # the oracle is CPU-only

@@ -55,6 +55,7 @@ def evaluate_run(field, occupancy, scene, mesh_path: str | Path | None = None, n
     cameras = evaluation_cameras(resolution)
     nerf = render_image(field, cameras, occupancy=occupancy, num_samples=num_samples, shading="albedo",
                         background=background)
+    nerf = {key: value.cpu() for key, value in nerf.items()}  # a field on a GPU renders there
     truth = render_scene(scene, cameras, background=background)
     iou = silhouette_iou(nerf["opacity"], truth["mask"])
     color = color_error(nerf["rgb"], truth["albedo"], nerf["opacity"], truth["mask"])

@@ -205,11 +205,14 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
     if occupancy is not None:
         keep = keep & occupancy.occupied(positions)
     index = keep.reshape(-1).nonzero().squeeze(1)
-    size = n_rays * num_samples
+    flat_starts, flat_ends = t_starts.reshape(-1), t_ends.reshape(-1)
     if early_stop_eps > 0 and index.numel() > 0:
         with torch.no_grad():
-            sigmas = _scatter(field.density(positions.reshape(-1, 3)[index]), index, size).view(n_rays, num_samples)
-            visible = transmittance_before(sigmas, t_starts, t_ends).reshape(-1)[index] > early_stop_eps
+            rays, slot, width = compact_samples(index, num_samples)
+            sigmas = _gather_compact(field.density(positions.reshape(-1, 3)[index]), slot, len(rays), width)
+            starts = _gather_compact(flat_starts[index], slot, len(rays), width)
+            ends = _gather_compact(flat_ends[index], slot, len(rays), width)
+            visible = transmittance_before(sigmas, starts, ends).reshape(-1)[slot] > early_stop_eps
             index = index[visible]
     # The field runs on kept samples only (even none: the graph to its parameters stays intact).
     out = field(positions.reshape(-1, 3)[index], with_normals=with_normals)
@@ -223,23 +226,57 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
 
     from nerfacc.volrend import accumulate_along_rays, render_weight_from_density  # slow import: lazy
 
-    sigmas = _scatter(out["density"], index, size).view(n_rays, num_samples)
-    weights, _, _ = render_weight_from_density(t_starts, t_ends, sigmas)
-    opacity = accumulate_along_rays(weights, None)
-    rgb = accumulate_along_rays(weights, _scatter(colors, index, size).view(n_rays, num_samples, 3))
+    # Composite in the compact layout: only rays with a kept sample, only their kept samples.
+    rays, slot, width = compact_samples(index, num_samples)
+    m = len(rays)
+
+    def compact(values):
+        return _gather_compact(values, slot, m, width)
+
+    def to_all_rays(values):  # (m, C) -> (R, C), zeros for rays without samples
+        return values.new_zeros((n_rays,) + values.shape[1:]).index_copy(0, rays, values)
+
+    weights, _, _ = render_weight_from_density(compact(flat_starts[index]), compact(flat_ends[index]),
+                                               compact(out["density"]))
+    opacity = to_all_rays(accumulate_along_rays(weights, None))
+    rgb = to_all_rays(accumulate_along_rays(weights, compact(colors)))
     background = torch.as_tensor(background, dtype=rgb.dtype, device=rgb.device)
     result = {
         "rgb": rgb + (1.0 - opacity) * background,
         "opacity": opacity,
-        "depth": accumulate_along_rays(weights, t[..., None]),
-        "albedo": accumulate_along_rays(weights, _scatter(out["albedo"], index, size).view(n_rays, num_samples, 3)),
-        "weights": weights,
+        "depth": to_all_rays(accumulate_along_rays(weights, compact(t.reshape(-1)[index])[..., None])),
+        "albedo": to_all_rays(accumulate_along_rays(weights, compact(out["albedo"]))),
+        "weights": _scatter(weights.reshape(-1)[slot], index, n_rays * num_samples).view(n_rays, num_samples),
     }
     if with_normals:
-        normals = _scatter(out["normal"], index, size).view(n_rays, num_samples, 3)
-        result["normal"] = accumulate_along_rays(weights, normals)
-        result["orientation_loss"] = orientation_loss(weights, normals, dirs)
+        normals = compact(out["normal"])
+        result["normal"] = to_all_rays(accumulate_along_rays(weights, normals))
+        result["orientation_loss"] = to_all_rays(orientation_loss(weights, normals, dirs[rays]))
     return result
+
+
+def compact_samples(index: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The compact (rays with samples) x (their samples) layout of kept samples.
+
+    `index` (N,) are kept samples of a dense (R, S) layout in row-major order. Returns `rays` (M,),
+    the rays holding at least one, `slot` (N,), each sample's position in an (M, width) layout
+    where a ray's samples come first, in order, and `width`, the most samples any ray keeps. Padding
+    slots get zero-length intervals and zero density, so compositing there is exact, at a fraction
+    of the dense layout's cost when most samples are empty space (the usual case).
+    """
+    ray_of = torch.div(index, num_samples, rounding_mode="floor")
+    rays, row, counts = torch.unique_consecutive(ray_of, return_inverse=True, return_counts=True)
+    if index.numel() == 0:
+        return rays, row, 1
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(index.numel(), device=index.device) - starts[row]
+    width = int(counts.max())
+    return rays, row * width + rank, width
+
+
+def _gather_compact(values: torch.Tensor, slot: torch.Tensor, m: int, width: int) -> torch.Tensor:
+    """Values (N, ...) of kept samples -> (m, width, ...) with zeros in the padding (differentiable)."""
+    return _scatter(values, slot, m * width).view(m, width, *values.shape[1:])
 
 
 def render_rays_packed(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: int = 64,

@@ -61,8 +61,21 @@ def default_run_dir(config: GenerateConfig, root: str | Path = "outputs") -> Pat
     return Path(root) / f"{slugify(config.prompt)}-{config.seed}"
 
 
-def make_teacher(config: GenerateConfig):
-    """The teacher a config names. 'oracle' is the exact denoiser of world renders."""
+def run_device(config: GenerateConfig) -> torch.device:
+    """The device a run trains on: config.device, with "auto" meaning CUDA when it is there (and the
+    teacher is not the CPU-only oracle)."""
+    if config.device == "auto":
+        use_cuda = torch.cuda.is_available() and config.teacher != "oracle"
+        return torch.device("cuda" if use_cuda else "cpu")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        from ..config import ConfigError
+
+        raise ConfigError(f"bad value device={config.device!r}: this torch sees no CUDA device; use auto or cpu")
+    return torch.device(config.device)
+
+
+def make_teacher(config: GenerateConfig, device: torch.device | str = "cpu"):
+    """The teacher a config names, on `device`. 'oracle' is the exact denoiser of world renders (CPU)."""
     if config.teacher == "oracle":
         from ..teachers.oracle import OracleTeacher
 
@@ -72,27 +85,30 @@ def make_teacher(config: GenerateConfig):
     if config.teacher == "embedded":
         from ..teachers.embedded import EmbeddedTeacher
 
-        return EmbeddedTeacher.load()
+        return EmbeddedTeacher.load(device=device)
     # Anything else is a diffusers pipeline: a local folder or a hub id (TeacherLoadError says what is wrong).
     from ..teachers.diffusers import load_diffusers_teacher
 
-    return load_diffusers_teacher(config.teacher, vae_resolution=config.vae_resolution)
+    return load_diffusers_teacher(config.teacher, device=device, vae_resolution=config.vae_resolution)
 
 
-def make_field(config: GenerateConfig) -> NeRFField:
-    return NeRFField(n_levels=config.n_levels, log2_hashmap_size=config.log2_hashmap_size,
+def make_field(config: GenerateConfig, device: torch.device | str = "cpu") -> NeRFField:
+    device = torch.device(device)
+    return NeRFField(device=device, n_levels=config.n_levels, log2_hashmap_size=config.log2_hashmap_size,
                      base_resolution=config.base_resolution, max_resolution=config.max_resolution,
                      hidden_dim=config.hidden_dim, blob_density=config.blob_density, blob_radius=config.blob_radius,
-                     backend=config.encoding_backend)
+                     backend=config.encoding_backend).to(device)
 
 
 def make_optimizer(config: GenerateConfig, nerf: NeRFField) -> torch.optim.Optimizer:
-    """Adam with a high rate on the hash table and a low one on the MLP (threestudio's split)."""
+    """Adam with a high rate on the hash table and a low one on the MLP (threestudio's split).
+
+    Fused: one kernel over the 3M-entry table instead of a dozen passes (measured 19 -> 1.5 ms a step)."""
     encoding = list(nerf.encoding.parameters())
     encoding_ids = {id(p) for p in encoding}
     network = [p for p in nerf.parameters() if id(p) not in encoding_ids]
     return torch.optim.Adam([{"params": encoding, "lr": config.lr_encoding},
-                             {"params": network, "lr": config.lr_network}], betas=(0.9, 0.99), eps=1e-15)
+                             {"params": network, "lr": config.lr_network}], betas=(0.9, 0.99), eps=1e-15, fused=True)
 
 
 def shading_for_step(config: GenerateConfig, step: int, generator: torch.Generator) -> str:
@@ -101,6 +117,14 @@ def shading_for_step(config: GenerateConfig, step: int, generator: torch.Generat
     if step < config.lambertian_start * config.steps or draw < config.albedo_prob:
         return "albedo"
     return "lambertian"
+
+
+def render_resolution(config: GenerateConfig, step: int) -> int:
+    """Coarse to fine (Magic3D, threestudio's resolution milestones): cheap low-resolution renders
+    while the shape forms, full resolution for the details."""
+    if config.coarse_resolution and step < config.coarse_fraction * config.steps:
+        return config.coarse_resolution
+    return config.render_resolution
 
 
 def sample_backgrounds(config: GenerateConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -132,7 +156,8 @@ class TextTo3D:
     # -- state --------------------------------------------------------------------------------
     def _init_state(self):
         torch.manual_seed(self.config.seed)
-        self.field = make_field(self.config)
+        self.device = run_device(self.config)
+        self.field = make_field(self.config, self.device)
         self.optimizer = make_optimizer(self.config, self.field)
         # nerfacc's OccGridEstimator for a field on CUDA (when its extension loads), else our OccupancyGrid
         self.occupancy = make_occupancy(field_device(self.field), resolution=self.config.occupancy_resolution,
@@ -161,11 +186,11 @@ class TextTo3D:
         atomic_save_torch(state, self.checkpoint_path)
 
     def _load_checkpoint(self):
-        state = torch.load(self.checkpoint_path, weights_only=False)
+        state = torch.load(self.checkpoint_path, weights_only=False, map_location=self.device)
         self.field.load_state_dict(state["field"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.occupancy.load_state_dict(state["occupancy"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # CPU generator, whatever map_location did
         self.step = state["step"]
         if self.lora is not None and "lora" in state:
             self.lora.load_state_dict(state["lora"], strict=False)
@@ -182,7 +207,7 @@ class TextTo3D:
             out = render_image(self.field, orbit_cameras(4, resolution), occupancy=self.occupancy,
                                num_samples=self.config.num_samples, shading="lambertian", background=self.config.background,
                                early_stop_eps=self.config.early_stop_eps)
-        return torch.cat(list(out["rgb"].clamp(0, 1)), dim=-1)
+        return torch.cat(list(out["rgb"].clamp(0, 1).cpu()), dim=-1)
 
     def train(self, resume: bool = False, show_progress: bool = True) -> None:
         from tqdm import tqdm
@@ -194,7 +219,7 @@ class TextTo3D:
         if show_progress:  # once per run: which hash grid and sampler this run uses
             print(describe_backends(field_device(self.field), self.field.encoding.backend), file=sys.stderr, flush=True)
         if self.teacher is None:
-            self.teacher = make_teacher(cfg)
+            self.teacher = make_teacher(cfg, self.device)
         if cfg.loss == "vsd":
             self._init_lora()
         if resume and self.checkpoint_path.exists():
@@ -207,7 +232,7 @@ class TextTo3D:
         start = time.time()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not show_progress, desc=cfg.prompt[:30], unit="step")
         while self.step < cfg.steps:
-            cameras = sample_cameras(cfg.batch_size, cfg.render_resolution, cfg.elevation_range, cfg.azimuth_range,
+            cameras = sample_cameras(cfg.batch_size, render_resolution(cfg, self.step), cfg.elevation_range, cfg.azimuth_range,
                                      cfg.distance_range, cfg.fovy_range, generator=self.generator)
             shading = shading_for_step(cfg, self.step, self.generator)
             need_normals = shading != "albedo" or cfg.lambda_orientation > 0
@@ -272,13 +297,14 @@ class TextTo3D:
         cfg = self.config
         with torch.no_grad():
             mesh = extract_mesh(self.field.density, lambda x: self.field(x)["albedo"], resolution=cfg.export_resolution,
-                                threshold=cfg.mesh_threshold)
+                                threshold=cfg.mesh_threshold, device=self.device)
         files = export_mesh(mesh, self.run_dir, stem="mesh", formats=cfg.export_formats)
 
         def render_fn(camera):
             with torch.no_grad():
-                return render_image(self.field, camera, occupancy=self.occupancy, num_samples=cfg.num_samples,
-                                    shading="lambertian", background=cfg.background, early_stop_eps=cfg.early_stop_eps)
+                out = render_image(self.field, camera, occupancy=self.occupancy, num_samples=cfg.num_samples,
+                                   shading="lambertian", background=cfg.background, early_stop_eps=cfg.early_stop_eps)
+            return {key: value.cpu() for key, value in out.items()}
 
         files["turntable"] = write_turntable(render_fn, self.run_dir / "turntable.mp4", n_frames=cfg.turntable_frames,
                                              resolution=cfg.turntable_resolution)
