@@ -10,9 +10,8 @@ import argparse
 import time
 
 import torch
-import yaml
 
-from sds3d.config import make_config
+from sds3d.config import make_config, parse_overrides
 from sds3d.distill.score import sds_loss
 from sds3d.nerf.cameras import VIEW_NAMES, sample_cameras, view_names
 from sds3d.nerf.render import OccupancyGrid, render_image
@@ -33,9 +32,8 @@ def main():
                         help="config overrides, e.g. early_stop_eps=0 num_samples=32 (YAML values)")
     args = parser.parse_args()
     for resolution in args.resolution:
-        overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
         cfg = make_config(args.preset, prompt=args.prompt, teacher=args.teacher, render_resolution=resolution,
-                          encoding_backend=args.encoding_backend, **overrides)
+                          encoding_backend=args.encoding_backend, explicit=parse_overrides(args.set))
         torch.manual_seed(0)
         field, teacher = make_field(cfg), make_teacher(cfg)  # on the CPU
         optimizer = make_optimizer(cfg, field)

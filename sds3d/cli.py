@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="auto (default: CUDA when there), cpu or cuda")
     gen.add_argument("--elevation-range", type=_range, default=None, metavar="LOW,HIGH")
     gen.add_argument("--distance-range", type=_range, default=None, metavar="LOW,HIGH")
+    gen.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                     help="any config field (see a run's config.yaml), YAML values, repeatable: "
+                          "--set lambda_z_variance=100 --set azimuth_range=[-90,90]")
     gen.add_argument("--out", default=None, help="run folder (default outputs/<prompt-slug>-<seed>)")
     gen.add_argument("--overwrite", action="store_true", help="start again; the old folder is kept as NAME.old-N")
     gen.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -76,15 +79,17 @@ def _load_run(run_dir: str):
 
 
 def cmd_generate(args) -> int:
-    from .config import GenerateConfig, make_config
+    from .config import ConfigError, GenerateConfig, make_config, parse_overrides
     from .pipelines.text_to_3d import default_run_dir, generate
 
     overrides = dict(prompt=args.prompt, seed=args.seed, steps=args.steps, teacher=args.teacher, loss=args.loss,
                      guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, render_resolution=args.render_resolution,
                      batch_size=args.batch_size, encoding_backend=args.encoding_backend, device=args.device, elevation_range=args.elevation_range,
                      distance_range=args.distance_range)
-    config = make_config(args.preset, **overrides)
+    config = make_config(args.preset, explicit=parse_overrides(args.set), **overrides)
     out = Path(args.out) if args.out else default_run_dir(config)
+    if args.resume and args.set:
+        raise ConfigError("--set applies to new runs: a resumed run keeps the settings in its config.yaml (only --steps may extend it)")
     if args.resume and (out / "config.yaml").exists():
         # A resumed run keeps its saved settings; only --steps may extend it.
         config = GenerateConfig.load(out / "config.yaml")

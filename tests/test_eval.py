@@ -113,3 +113,31 @@ def test_chamfer_directions():
     reference = np.abs(np.linalg.norm(points, axis=1) - 0.5).mean()
     assert reference > 0.03
     assert result.b_to_a == pytest.approx(reference, rel=0.15)
+
+
+def test_accent_strength_of_truth_janus_and_blank_snowmen():
+    """The world's own renders as a 'NeRF' paint the face fully in front (1) and not on the back (0);
+    a two-faced snowman (its front view mirrored onto its back) scores 1 on the back; a plain white
+    one 0 in front; a face blended halfway toward white 0.5."""
+    from sds3d.eval.ground_truth import EVAL_VIEWS, accent_colors, accent_strength, evaluation_cameras
+    from sds3d.world.render import render_scene
+    from sds3d.world.scenes import COLORS
+    from sds3d.world.prompts import resolve_prompt
+
+    scene = resolve_prompt("a snowman")
+    truth = render_scene(scene, evaluation_cameras(64), background=1.0)
+    albedo, mask = truth["albedo"], truth["mask"]
+    main, accents = torch.tensor(COLORS[scene.color]), accent_colors(scene)
+    assert len(accents) == 2  # orange nose, black eyes and buttons
+    image = albedo * mask + (1 - mask)
+
+    exact = accent_strength(image, albedo, mask, main, accents)
+    assert exact["front"] == pytest.approx(1.0, abs=0.05) and abs(exact["back"]) < 0.05 and exact["pixels"] > 5
+    janus = image.clone()
+    janus[EVAL_VIEWS // 2] = image[0].flip(-1)
+    assert accent_strength(janus, albedo, mask, main, accents)["back"] == pytest.approx(exact["front"], abs=1e-6)
+    blank = torch.where(mask > 0.5, main[None, :, None, None], torch.ones_like(image))
+    assert abs(accent_strength(blank, albedo, mask, main, accents)["front"]) < 1e-6
+    half = 0.5 * image + 0.5 * blank
+    assert accent_strength(half, albedo, mask, main, accents)["front"] == pytest.approx(0.5 * exact["front"], abs=1e-5)
+    assert accent_strength(image, albedo, mask, main, accents[:0]) is None  # a plain cube has no accents

@@ -57,11 +57,6 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(b["field"][key], value, rtol=0, atol=0, msg=key)
 
 
-def accent_fractions(metrics, view_azimuth):
-    view = next(v for v in metrics["views"] if v["azimuth_deg"] == view_azimuth)
-    return view["accent_fraction"], view["accent_fraction_truth"]
-
-
 # Quality bars per teacher: the embedded network (the default) and the exact oracle it is measured against.
 CUBE_BARS = {"embedded": (0.80, 0.12), "oracle": (0.85, 0.10)}
 
@@ -85,17 +80,19 @@ def test_snowman_shape_with_the_default_teacher(tmp_path):
 
 
 @pytest.mark.slow
-def test_snowman_shape_and_no_accents_on_its_back(tmp_path):
-    """The snowman's silhouette against ground truth, and nothing of its face painted on its back.
+def test_snowman_face_in_front_and_not_on_its_back(tmp_path):
+    """The oracle snowman: silhouette against ground truth, its face (orange nose, black eyes and
+    buttons) painted in front and not on its back (no Janus).
 
-    The nose (a thin cone, ~2 px at the 64 px training resolution) does not yet come out orange
-    in cpu-fast runs, so its presence in front is not asserted here; see the open issue.
+    `accent_strength` is 1 where the NeRF has the accent colours at the ground truth's accent
+    pixels and 0 for plain white; cpu-fast runs reach 0.3-0.5 in front (a 2-3 px nose at 64 px is
+    blurred toward white) and stay at or below 0 on the back. The oracle's camera conditioning is
+    what makes the face form: conditioned on the view suffix alone it scores about 0 in front.
     """
-    result = generate(make_config("cpu-fast", prompt="a snowman", teacher="oracle"), out=tmp_path / "snowman",
-                      show_progress=False)
-    metrics = result.metrics
-    assert metrics["iou_mean"] >= 0.7, metrics
-    front, front_truth = accent_fractions(metrics, 0.0)
-    back, back_truth = accent_fractions(metrics, 180.0)
-    assert front_truth > 0.01 and back_truth == 0.0  # the world's own snowman: accents in front only
-    assert back < 0.3 * front_truth, metrics  # no face painted on the back (Janus)
+    config = make_config("cpu-fast", prompt="a snowman", teacher="oracle")
+    assert config.oracle_camera_sigma > 0
+    metrics = generate(config, out=tmp_path / "snowman", show_progress=False).metrics
+    assert metrics["iou_mean"] >= 0.85, metrics
+    accents = metrics["accent_strength"]
+    assert accents["front"] >= 0.2, accents
+    assert accents["back"] <= 0.05, accents

@@ -278,3 +278,21 @@ def test_jittered_rays_stay_inside_their_pixels_and_average_to_the_centres():
     mean_row = torch.stack([r for r, _ in draws]).mean(0)
     mean_col = torch.stack([c for _, c in draws]).mean(0)
     assert (mean_row - rows - 0.5).abs().max() < 0.06 and (mean_col - cols - 0.5).abs().max() < 0.06
+
+
+def test_z_variance_of_a_uniform_slab_is_one_over_sigma_squared():
+    """Inside a deep block of density sigma, the stopping distance of a ray is exponential with rate
+    sigma, whose variance is 1/sigma^2: the renderer's z_variance (HiFA) must give that, and the
+    loss must count only covered pixels."""
+    from sds3d.nerf.render import z_variance_loss
+
+    camera = spherical_cameras(0.0, 0.0, 2.5, 10.0, 5)
+    for sigma in (10.0, 40.0):
+        field = BallField(sigma=sigma, rho=0.9, cube=True)
+        out = render_image(field, camera, num_samples=4096, stratified=False, background=0.0)
+        centre = out["z_variance"][0, 0, 2, 2].detach()
+        torch.testing.assert_close(centre, torch.tensor(1 / sigma ** 2), rtol=0.03, atol=0)
+    opacity = torch.tensor([[0.9], [0.2], [1.0]])
+    z_var = torch.tensor([[0.5], [100.0], [1.5]])
+    assert z_variance_loss(z_var, opacity).item() == pytest.approx(1.0)
+    assert z_variance_loss(z_var, torch.zeros(3, 1)).item() == 0.0

@@ -44,6 +44,39 @@ def accent_fraction(images: torch.Tensor, masks: torch.Tensor, accents: torch.Te
     return (near & inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1)
 
 
+def accent_strength(nerf_rgb: torch.Tensor, truth_albedo: torch.Tensor, truth_mask: torch.Tensor, main: torch.Tensor,
+                    accents: torch.Tensor, tolerance: float = 0.05) -> dict[str, float] | None:
+    """How far the NeRF paints the front-only parts (a snowman's nose, eyes, buttons) in front, and on its back.
+
+    Takes the front (index 0, azimuth 0) and back (index EVAL_VIEWS // 2, azimuth 180) evaluation
+    views. The accent pixels are those of the ground-truth front view within `tolerance` of an
+    accent colour. At each, the NeRF colour c is projected on the way from the main colour m to
+    that pixel's accent colour a: (c - m).(a - m) / |a - m|^2, 1 for the accent colour, 0 for the
+    main colour. "front" is the mean over the accent pixels in the front view; "back" the same at
+    the mirrored pixels of the back view, where a two-faced (Janus) NeRF paints a second face.
+    Unlike `accent_fraction`, a part that is there but blurred toward the main colour counts in part.
+    Returns None when the scene has no accent colours.
+    """
+    if accents.shape[0] == 0:
+        return None
+    back_index = EVAL_VIEWS // 2
+    truth = truth_albedo[0].permute(1, 2, 0)  # (H, W, 3)
+    distance = (truth[..., None, :] - accents.to(truth)).abs().amax(-1)  # (H, W, K)
+    nearest = distance.argmin(-1)
+    pixels = (distance.amin(-1) < tolerance) & (truth_mask[0, 0] > 0.5)
+    if not pixels.any():
+        return None
+    direction = accents.to(truth)[nearest[pixels]] - main  # (P, 3)
+    scale = (direction * direction).sum(-1)
+
+    def strength(rgb):
+        c = rgb.permute(1, 2, 0)[pixels]
+        return float((((c - main) * direction).sum(-1) / scale).mean())
+
+    return {"front": strength(nerf_rgb[0]), "back": strength(nerf_rgb[back_index].flip(-1)),
+            "pixels": int(pixels.sum())}
+
+
 @torch.no_grad()
 def evaluate_run(field, occupancy, scene, mesh_path: str | Path | None = None, num_samples: int = 64,
                  background: float = 1.0, resolution: int = EVAL_RESOLUTION) -> dict:
@@ -62,10 +95,14 @@ def evaluate_run(field, occupancy, scene, mesh_path: str | Path | None = None, n
     accents = accent_colors(scene)
     accent_nerf = accent_fraction(nerf["rgb"], nerf["opacity"], accents)
     accent_truth = accent_fraction(truth["albedo"], truth["mask"], accents)
+    from ..world.scenes import COLORS
+
     metrics = {
         "prompt_scene": scene.caption,
         "iou_mean": float(iou.mean()),
         "color_error_mean": float(color.mean()),
+        "accent_strength": accent_strength(nerf["rgb"], truth["albedo"], truth["mask"], torch.tensor(COLORS[scene.color]),
+                                           accents),
         "views": [{"azimuth_deg": float(az), "view": name, "iou": float(i), "color_error": float(c),
                    "accent_fraction": float(an), "accent_fraction_truth": float(at)}
                   for az, name, i, c, an, at in zip(cameras.azimuth_deg, view_names(cameras), iou, color,

@@ -73,6 +73,11 @@ def look_at(eye: torch.Tensor, target: torch.Tensor | None = None, up: torch.Ten
     return c2w
 
 
+def camera_directions(camera: Camera) -> torch.Tensor:
+    """Unit vectors (B, 3) from the object (the origin) to each camera."""
+    return torch.nn.functional.normalize(camera.c2w[:, :3, 3], dim=-1)
+
+
 def spherical_cameras(elevation_deg, azimuth_deg, distance, fovy_deg, height: int, width: int | None = None) -> Camera:
     """Cameras on spheres around the origin, looking at it; arguments broadcast to one batch."""
     el, az, dist, fovy = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float32).reshape(-1)

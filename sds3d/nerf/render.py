@@ -238,13 +238,16 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
 
     weights, _, _ = render_weight_from_density(compact(flat_starts[index]), compact(flat_ends[index]),
                                                compact(out["density"]))
-    opacity = to_all_rays(accumulate_along_rays(weights, None))
+    opacity = accumulate_along_rays(weights, None)
     rgb = to_all_rays(accumulate_along_rays(weights, compact(colors)))
+    t_mid = compact(t.reshape(-1)[index])
+    depth = accumulate_along_rays(weights, t_mid[..., None])
     background = torch.as_tensor(background, dtype=rgb.dtype, device=rgb.device)
     result = {
-        "rgb": rgb + (1.0 - opacity) * background,
-        "opacity": opacity,
-        "depth": to_all_rays(accumulate_along_rays(weights, compact(t.reshape(-1)[index])[..., None])),
+        "rgb": rgb + (1.0 - to_all_rays(opacity)) * background,
+        "opacity": to_all_rays(opacity),
+        "depth": to_all_rays(depth),
+        "z_variance": to_all_rays(depth_variance(weights, t_mid, depth, opacity)),
         "albedo": to_all_rays(accumulate_along_rays(weights, compact(out["albedo"]))),
         "weights": _scatter(weights.reshape(-1)[slot], index, n_rays * num_samples).view(n_rays, num_samples),
     }
@@ -343,6 +346,8 @@ def render_rays_packed(field, origins: torch.Tensor, dirs: torch.Tensor, num_sam
         "depth": accumulate(t_mid[:, None]),
         "albedo": accumulate(out["albedo"]),
     }
+    mean_depth = result["depth"] / opacity.clamp_min(1e-6)
+    result["z_variance"] = accumulate((t_mid[:, None] - mean_depth[ray_indices]) ** 2)
     if with_normals:
         result["normal"] = accumulate(out["normal"])
         # DreamFusion's orientation penalty (see `orientation_loss`), per packed sample then per ray.
@@ -401,6 +406,23 @@ def orientation_loss(weights: torch.Tensor, normals: torch.Tensor, dirs: torch.T
     """
     cos = (normals * dirs[:, None, :]).sum(-1)
     return (weights.detach() * cos.clamp_min(0.0) ** 2).sum(-1)
+
+
+def depth_variance(weights: torch.Tensor, t: torch.Tensor, depth: torch.Tensor, opacity: torch.Tensor) -> torch.Tensor:
+    """Per ray sum_i w_i (t_i - z)^2 with z = depth / opacity, the weighted mean sample distance.
+
+    HiFA's z-variance (threestudio's `lambda_z_variance`): small when a ray's weight sits on a thin
+    shell, so penalising it turns a soft, fog-like density into a surface that every view sees at
+    the same place. Shapes: weights and t (R, S), depth and opacity (R, 1) -> (R, 1).
+    """
+    mean = depth / opacity.clamp_min(1e-6)
+    return (weights * (t - mean) ** 2).sum(-1, keepdim=True)
+
+
+def z_variance_loss(z_variance: torch.Tensor, opacity: torch.Tensor, min_opacity: float = 0.5) -> torch.Tensor:
+    """Mean z-variance over the pixels that the object covers (opacity > min_opacity), as threestudio."""
+    mask = opacity > min_opacity
+    return z_variance[mask].mean() if mask.any() else z_variance.sum() * 0.0
 
 
 def opacity_sparsity_loss(opacity: torch.Tensor) -> torch.Tensor:

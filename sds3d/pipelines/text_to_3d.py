@@ -26,9 +26,9 @@ from ..distill.schedules import annealed_range
 from ..distill.score import NFSD_NEGATIVE_PROMPT, lora_diffusion_loss, nfsd_loss, sds_loss, vsd_loss
 from ..io import atomic_save_torch, atomic_write_text, prepare_run_folder, slugify
 from ..nerf.backends import describe_backends, field_device, make_occupancy
-from ..nerf.cameras import VIEW_NAMES, orbit_cameras, sample_cameras, view_names
+from ..nerf.cameras import VIEW_NAMES, camera_directions, orbit_cameras, sample_cameras, view_names
 from ..nerf.field import NeRFField
-from ..nerf.render import opacity_entropy_loss, opacity_sparsity_loss, render_image
+from ..nerf.render import opacity_entropy_loss, opacity_sparsity_loss, render_image, z_variance_loss
 from ..teachers.base import Cond
 
 
@@ -81,7 +81,7 @@ def make_teacher(config: GenerateConfig, device: torch.device | str = "cpu"):
 
         return OracleTeacher(resolution=config.teacher_resolution, views_per_bucket=config.oracle_views_per_bucket,
                              seed=0, elevation_range=config.elevation_range, distance_range=config.distance_range,
-                             fovy_range=config.fovy_range)
+                             fovy_range=config.fovy_range, camera_sigma_deg=config.oracle_camera_sigma)
     if config.teacher == "embedded":
         from ..teachers.embedded import EmbeddedTeacher
 
@@ -241,7 +241,9 @@ class TextTo3D:
                                shading=shading, background=backgrounds, generator=self.generator,
                                need_normals=need_normals, early_stop_eps=cfg.early_stop_eps, jitter=cfg.jitter_pixels)
             cond = self._encode([prompts_by_view[v] for v in view_names(cameras)])
-            cond.extra["background"] = backgrounds  # used by teachers that model the background (the oracle)
+            # used by teachers that model them (the oracle): the background behind the object, the camera
+            cond.extra["background"] = backgrounds
+            cond.extra["camera_dirs"] = camera_directions(cameras)
             t_min, t_max = annealed_range(self.step, cfg.steps, cfg.t_min, cfg.t_max, cfg.t_max_end)
             loss = self._distillation_loss(out["rgb"], cond, cameras, t_min, t_max)
             if cfg.lambda_orientation > 0:
@@ -250,6 +252,8 @@ class TextTo3D:
                 loss = loss + cfg.lambda_sparsity * opacity_sparsity_loss(out["opacity"])
             if cfg.lambda_opacity_entropy > 0:
                 loss = loss + cfg.lambda_opacity_entropy * opacity_entropy_loss(out["opacity"])
+            if cfg.lambda_z_variance > 0:
+                loss = loss + cfg.lambda_z_variance * z_variance_loss(out["z_variance"], out["opacity"].detach())
             self.optimizer.zero_grad(set_to_none=True)
             if self.lora is not None:
                 self.lora_optimizer.zero_grad(set_to_none=True)

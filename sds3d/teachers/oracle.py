@@ -7,20 +7,33 @@ For data {y_i} and x_t = sqrt(abar) y + sqrt(1 - abar) eps, the ideal denoiser i
 so this teacher is a perfect diffusion model of its data, with no training. The conditional data
 of "a red cube, front view" are renders of the red cube from cameras in the front bucket; the
 unconditional data are all the renders the teacher holds (every bank it has built plus a fixed
-random sample of other scenes), so classifier-free guidance works as usual. It is the default
-teacher until the neural embedded teacher ships, and the reference in tests.
+random sample of other scenes), so classifier-free guidance works as usual. It is the reference
+teacher of the tests and of `--teacher oracle`.
+
+Camera conditioning (`camera_sigma_deg` > 0, as MVDream / Zero-1-to-3 condition on the camera):
+each image y_i also carries the direction d_i of the camera that rendered it, and the data
+distribution given a render's camera direction c weights it by a von Mises-Fisher prior,
+p(i | c) ~ exp(kappa d_i . c) with kappa = 1 / sigma^2, so that
+
+    E[y | x_t, c] = sum_i softmax_i(kappa d_i . c - |x_t - sqrt(abar) y_i|^2 / (2 (1 - abar))) y_i.
+
+A text view suffix alone ("front view": 90 degrees of azimuth) leaves a rotationally symmetric
+object such as a snowman free to show its face at any azimuth of the bucket, so targets for
+front-only details land at a different place at every step; conditioning on the camera removes
+that ambiguity (measured in tests/test_oracle_sds.py and the snowman end-to-end test).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..nerf.cameras import OVERHEAD_ELEVATION_DEG, FRONT_HALF_ANGLE_DEG, Camera, spherical_cameras
+from ..nerf.cameras import OVERHEAD_ELEVATION_DEG, FRONT_HALF_ANGLE_DEG, Camera, camera_directions, spherical_cameras
 from .base import Cond, NoiseSchedule, cfg_combine, model_to_pixels, pixels_to_model
 
 ORACLE_VERSION = 2  # bump when world rendering changes, to invalidate disk caches
@@ -67,8 +80,10 @@ class OracleTeacher:
 
     def __init__(self, resolution: int = 64, views_per_bucket: int = 64, n_uncond: int = 256, seed: int = 0,
                  elevation_range=(-10.0, 60.0), distance_range=(2.5, 3.0), fovy_range=(40.0, 50.0),
-                 supersample: int = 2, cache_dir: str | Path | None = None, use_disk_cache: bool = True):
+                 supersample: int = 2, cache_dir: str | Path | None = None, use_disk_cache: bool = True,
+                 camera_sigma_deg: float = 0.0):
         self.resolution = resolution
+        self.camera_sigma_deg = float(camera_sigma_deg)
         self.views_per_bucket = views_per_bucket
         self.n_uncond = n_uncond
         self.seed = seed
@@ -82,6 +97,8 @@ class OracleTeacher:
         self._banks: dict[str, torch.Tensor] = {}  # "a red cube, front view" -> renders
         self._prompt_keys: dict[str, str] = {}  # any accepted prompt -> its bank key
         self._random_bank: torch.Tensor | None = None
+        self._bank_dirs: dict[str, torch.Tensor] = {}  # bank key -> (K, 3) unit camera directions
+        self._random_dirs: torch.Tensor | None = None
 
     # -- data ---------------------------------------------------------------------------------
     def _cache_key(self, *parts) -> str:
@@ -116,15 +133,22 @@ class OracleTeacher:
         return rgba.clamp(0, 1)
 
     @classmethod
-    def from_banks(cls, banks: dict[str, torch.Tensor], extra_uncond: torch.Tensor | None = None) -> "OracleTeacher":
-        """An oracle over given opaque images (K, 3, R, R) in [-1, 1] per prompt, not over world renders."""
+    def from_banks(cls, banks: dict[str, torch.Tensor], extra_uncond: torch.Tensor | None = None,
+                   directions: dict[str, torch.Tensor] | None = None, extra_directions: torch.Tensor | None = None,
+                   camera_sigma_deg: float = 0.0) -> "OracleTeacher":
+        """An oracle over given opaque images (K, 3, R, R) in [-1, 1] per prompt, not over world renders;
+        `directions` (K, 3 per prompt) and `extra_directions` give their cameras for camera conditioning."""
         def opaque(images):
             return torch.cat([(images + 1) / 2, torch.ones_like(images[:, :1])], 1)
 
         first = next(iter(banks.values()))
-        teacher = cls(resolution=first.shape[-1], n_uncond=0, use_disk_cache=False)
+        teacher = cls(resolution=first.shape[-1], n_uncond=0, use_disk_cache=False, camera_sigma_deg=camera_sigma_deg)
         teacher._banks = {k: opaque(v) for k, v in banks.items()}
         teacher._random_bank = opaque(extra_uncond if extra_uncond is not None else first[:0])
+        if directions is not None:
+            teacher._bank_dirs = {k: F.normalize(d.float(), dim=-1) for k, d in directions.items()}
+            teacher._random_dirs = F.normalize(extra_directions.float(), dim=-1) if extra_directions is not None \
+                else torch.zeros(0, 3)
         return teacher
 
     def bank(self, scene, view: str) -> torch.Tensor:
@@ -136,12 +160,11 @@ class OracleTeacher:
             seed_text = f"{self.seed}/{scene.caption}/{view}"
             gen = torch.Generator().manual_seed(int(hashlib.sha1(seed_text.encode()).hexdigest()[:8], 16))
 
-            def make():
-                cams = bucket_cameras(view, self.views_per_bucket, self.resolution, self.elevation_range,
-                                      self.distance_range, self.fovy_range, gen)
-                return self._render(scene, cams)
-
-            self._banks[key] = self._cached(self._cache_key("bank", key, self.views_per_bucket), make)
+            cams = bucket_cameras(view, self.views_per_bucket, self.resolution, self.elevation_range,
+                                  self.distance_range, self.fovy_range, gen)
+            self._bank_dirs[key] = camera_directions(cams)
+            self._banks[key] = self._cached(self._cache_key("bank", key, self.views_per_bucket),
+                                            lambda: self._render(scene, cams))
         return self._banks[key]
 
     def random_bank(self) -> torch.Tensor:
@@ -149,17 +172,17 @@ class OracleTeacher:
         if self._random_bank is None:
             from ..world.scenes import all_scenes
 
+            gen = torch.Generator().manual_seed(self.seed + 12345)
+            scenes = all_scenes()
+            picks = torch.randint(len(scenes), (self.n_uncond,), generator=gen).tolist()
+            views = torch.randint(4, (self.n_uncond,), generator=gen).tolist()
+            cams = [bucket_cameras(("front", "side", "back", "overhead")[view_index], 1, self.resolution,
+                                   self.elevation_range, self.distance_range, self.fovy_range, gen)
+                    for view_index in views]
+            self._random_dirs = torch.cat([camera_directions(c) for c in cams]) if cams else torch.zeros(0, 3)
+
             def make():
-                gen = torch.Generator().manual_seed(self.seed + 12345)
-                scenes = all_scenes()
-                picks = torch.randint(len(scenes), (self.n_uncond,), generator=gen).tolist()
-                views = torch.randint(4, (self.n_uncond,), generator=gen).tolist()
-                images = []
-                for scene_index, view_index in zip(picks, views):
-                    view = ("front", "side", "back", "overhead")[view_index]
-                    cams = bucket_cameras(view, 1, self.resolution, self.elevation_range, self.distance_range,
-                                          self.fovy_range, gen)
-                    images.append(self._render(scenes[scene_index], cams))
+                images = [self._render(scenes[i], c) for i, c in zip(picks, cams)]
                 return torch.cat(images) if images else torch.zeros(0, 4, self.resolution, self.resolution)
 
             self._random_bank = self._cached(self._cache_key("random", self.n_uncond), make)
@@ -171,6 +194,23 @@ class OracleTeacher:
         if getattr(self, "_uncond_cache", (None, -1))[1] != count:
             self._uncond_cache = (torch.cat([self.random_bank(), *self._banks.values()]), count)
         return self._uncond_cache[0]
+
+    def _camera_log_prior(self, key: str | None, camera_dir: torch.Tensor | None) -> torch.Tensor | None:
+        """kappa d_i . c over the images of bank `key` (None: the unconditional data), or None when
+        camera conditioning is off or the images' cameras are unknown (banks given to `from_banks`)."""
+        if self.camera_sigma_deg <= 0 or camera_dir is None:
+            return None
+        if key is None:
+            dirs = [self._random_dirs, *(self._bank_dirs.get(k) for k in self._banks)]
+            if any(d is None for d in dirs):
+                return None
+            dirs = torch.cat(dirs)
+        elif key in self._bank_dirs:
+            dirs = self._bank_dirs[key]
+        else:
+            return None
+        kappa = 1.0 / math.radians(self.camera_sigma_deg) ** 2
+        return kappa * (dirs @ camera_dir.to(dirs))
 
     @staticmethod
     def composite(rgba: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
@@ -211,13 +251,18 @@ class OracleTeacher:
         return self.decode(self.composite(self._banks[key], torch.full((3,), float(background))))
 
     @staticmethod
-    def posterior_mean(x_t: torch.Tensor, abar: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-        """E[y | x_t] over the finite set `data` (K, C, H, W), for a batch x_t (B, C, H, W), abar (B,)."""
+    def posterior_mean(x_t: torch.Tensor, abar: torch.Tensor, data: torch.Tensor,
+                       log_prior: torch.Tensor | None = None) -> torch.Tensor:
+        """E[y | x_t] over the finite set `data` (K, C, H, W), for a batch x_t (B, C, H, W), abar (B,);
+        `log_prior` (K,) reweights the set (uniform when None)."""
         x = x_t.flatten(1).double()
         y = data.flatten(1).double()
         a = abar.double().reshape(-1, 1)
         sq = (x * x).sum(1, keepdim=True) - 2 * a.sqrt() * (x @ y.T) + a * (y * y).sum(1)[None]
-        weights = torch.softmax(-sq / (2 * (1 - a)), dim=1)
+        logits = -sq / (2 * (1 - a))
+        if log_prior is not None:
+            logits = logits + log_prior.double()[None]
+        weights = torch.softmax(logits, dim=1)
         return (weights @ y).to(x_t.dtype).reshape(x_t.shape)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, need_uncond: bool = True):
@@ -226,18 +271,24 @@ class OracleTeacher:
         The data of row i are the bank images composited over row i's background,
         `cond.extra["background"]` (B, 3), white when absent: the render and the teacher's data
         then share their background, so a white object on white cannot hide by turning transparent.
+        `cond.extra["camera_dirs"]` (B, 3), the unit directions from the object to each row's camera,
+        condition both branches on the camera when `camera_sigma_deg` > 0 (see the module docstring).
         """
         abar = self.schedule.abar(t)
         background = cond.extra.get("background")
         background = torch.ones(x_t.shape[0], 3) if background is None else torch.as_tensor(background).reshape(-1, 3)
+        camera_dirs = cond.extra.get("camera_dirs")
         x0_cond = torch.empty_like(x_t)
         x0_uncond = torch.empty_like(x_t) if need_uncond else None
         for row, key in enumerate(cond.cond):
+            camera_dir = None if camera_dirs is None else torch.as_tensor(camera_dirs)[row]
             data = self.composite(self._banks[key], background[row])
-            x0_cond[row] = self.posterior_mean(x_t[row : row + 1], abar[row : row + 1], data)[0]
+            x0_cond[row] = self.posterior_mean(x_t[row : row + 1], abar[row : row + 1], data,
+                                               self._camera_log_prior(key, camera_dir))[0]
             if need_uncond:
                 data = self.composite(self.unconditional_data(), background[row])
-                x0_uncond[row] = self.posterior_mean(x_t[row : row + 1], abar[row : row + 1], data)[0]
+                x0_uncond[row] = self.posterior_mean(x_t[row : row + 1], abar[row : row + 1], data,
+                                                     self._camera_log_prior(None, camera_dir))[0]
         return x0_cond, x0_uncond
 
     @torch.no_grad()
