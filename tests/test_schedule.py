@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sds3d.distill.schedules import annealed_range, sample_timesteps
+from sds3d.distill.schedules import annealed_guidance, annealed_range, sample_timesteps
 from sds3d.teachers.base import NoiseSchedule
 
 
@@ -57,3 +57,20 @@ def test_timestep_sampling_and_annealing():
     assert annealed_range(50, 100, 0.02, 0.98, None) == (0.02, 0.98)
     with pytest.raises(ValueError, match="t_min"):
         sample_timesteps(1, 1000, 0.9, 0.1)
+
+
+def test_guidance_annealing_is_linear_over_the_run():
+    assert annealed_guidance(0, 800, 3.0, 1.0) == 3.0
+    assert annealed_guidance(200, 800, 3.0, 1.0) == 2.5
+    assert annealed_guidance(800, 800, 3.0, 1.0) == 1.0
+    assert annealed_guidance(900, 800, 3.0, 1.0) == 1.0  # a resumed run past its steps stays at the end
+    assert annealed_guidance(400, 800, 7.5, None) == 7.5
+
+
+def test_teacher_defaults_for_guidance():
+    from sds3d.config import make_config
+
+    assert make_config(prompt="a red cube").guidance_scale_end == 1.0  # the embedded network
+    assert make_config(prompt="a red cube", teacher="oracle").guidance_scale_end is None
+    assert make_config(prompt="a red cube", guidance_scale=5.0).guidance_scale_end == 1.0
+    assert make_config(prompt="a red cube", explicit={"guidance_scale_end": None}).guidance_scale_end is None

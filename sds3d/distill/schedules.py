@@ -17,6 +17,16 @@ def annealed_range(step: int, total_steps: int, t_min: float = 0.02, t_max: floa
     return t_min, t_max + (t_max_end - t_max) * progress
 
 
+def annealed_guidance(step: int, total_steps: int, guidance_scale: float, guidance_scale_end: float | None = None) -> float:
+    """The CFG scale at `step`: linear from `guidance_scale` to `guidance_scale_end` over the run
+    (constant when None). Strong guidance early settles the shape; weaker guidance late lets
+    colours come back from the over-saturated, darkened ones that high CFG gives."""
+    if guidance_scale_end is None or total_steps <= 0:
+        return guidance_scale
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    return guidance_scale + (guidance_scale_end - guidance_scale) * progress
+
+
 def sample_timesteps(batch: int, num_train_timesteps: int, t_min: float, t_max: float,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Integer timesteps uniform in [t_min * T, t_max * T] (inclusive), one per image."""

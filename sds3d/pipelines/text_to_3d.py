@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..config import GenerateConfig
-from ..distill.schedules import annealed_range
+from ..distill.schedules import annealed_guidance, annealed_range
 from ..distill.score import NFSD_NEGATIVE_PROMPT, lora_diffusion_loss, nfsd_loss, sds_loss, vsd_loss
 from ..io import atomic_save_torch, atomic_write_text, prepare_run_folder, slugify
 from ..nerf.backends import describe_backends, field_device, make_occupancy
@@ -283,12 +283,13 @@ class TextTo3D:
         """The configured score-distillation loss on the renders (plus, for vsd, the LoRA's own loss:
         the two touch disjoint parameters, so one backward serves both optimizers)."""
         cfg = self.config
+        guidance = annealed_guidance(self.step, cfg.steps, cfg.guidance_scale, cfg.guidance_scale_end)
         if cfg.loss == "sds":
-            return sds_loss(self.teacher, images, cond, cfg.guidance_scale, t_min, t_max, self.generator).loss
+            return sds_loss(self.teacher, images, cond, guidance, t_min, t_max, self.generator).loss
         if cfg.loss == "nfsd":
             null_cond = self.teacher.encode_prompt([""] * len(cond.prompts))
-            return nfsd_loss(self.teacher, images, cond, null_cond, cfg.guidance_scale, t_min, t_max, self.generator).loss
-        score = vsd_loss(self.teacher, self.lora, images, cond, cameras.c2w, cfg.guidance_scale,
+            return nfsd_loss(self.teacher, images, cond, null_cond, guidance, t_min, t_max, self.generator).loss
+        score = vsd_loss(self.teacher, self.lora, images, cond, cameras.c2w, guidance,
                          cfg.lora_guidance_scale, t_min, t_max, self.generator)
         lora_loss = lora_diffusion_loss(self.teacher, self.lora, None, cond, cameras.c2w, self.generator,
                                         cfg.camera_drop_prob, encoded=score.encoded)
