@@ -272,6 +272,7 @@ def make_config(preset: str = "cpu-fast", explicit: dict | None = None, **overri
 
 
 def _same_kind(value, default) -> bool:
+    """Whether a config value has the type of its field's default (numbers mix; lists stand for tuples)."""
     if default is dataclasses.MISSING or default is None or value is None:
         return True
     if isinstance(default, bool) or isinstance(value, bool):

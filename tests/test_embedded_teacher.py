@@ -127,9 +127,9 @@ def test_resume_refuses_changed_architecture(tiny_renders, tmp_path):
                        lambda *a: None, tiny_renders, HashText())
 
 
-def _tiny_teacher(prediction_type="v_prediction"):
+def _tiny_teacher(prediction_type="v_prediction", network=TINY_NET):
     torch.manual_seed(0)
-    net = LeanUNet(TINY_NET)
+    net = LeanUNet(network)
     for p in net.parameters():  # non-zero outputs, so sampling exercises the whole path
         p.data.add_(0.01 * torch.randn_like(p))
     return EmbeddedTeacher(net, make_schedule("cosine"), prediction_type, text_encoder=HashText(),
@@ -158,6 +158,59 @@ def test_saved_teacher_loads_and_samples(tmp_path):
     # The prompt table is read back: no text encoder needed for its prompts.
     table_only = EmbeddedTeacher.load(tmp_path / "t")
     assert torch.allclose(table_only.encode_prompt(["a red cube"]).cond, HashText().embed(["a red cube"]))
+
+
+CAMERA_NET = NetConfig(**{**TINY_NET.to_dict(), "camera_dim": 3})
+
+
+def test_camera_conditioned_network_and_teacher(tmp_path):
+    """A camera-conditioned LeanUNet depends on the camera direction, treats None as the zero
+    'no camera' vector; the teacher feeds cond.extra["camera_dirs"] to both CFG branches and a
+    saved one loads back with its camera embedding. A text-only network ignores cameras."""
+    from sds3d.nerf.cameras import unit_directions
+    from sds3d.teachers.base import cfg_combine
+
+    teacher = _tiny_teacher(network=CAMERA_NET)
+    net = teacher.network
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([300, 600])
+    text = HashText().embed(["a red cube", "a red cube"])
+    front, back = unit_directions(torch.tensor([10.0, 10.0]), torch.tensor([0.0, 180.0])).chunk(2)
+    cameras = torch.cat([front, front])
+    assert (net(x, t, text, cameras) - net(x, t, text, torch.cat([back, back]))).abs().max() > 1e-3
+    torch.testing.assert_close(net(x, t, text, None), net(x, t, text, torch.zeros(2, 3)))
+
+    cond = teacher.encode_prompt(["a red cube", "a red cube"])
+    cond.extra["camera_dirs"] = cameras
+    uncond_text = HashText().embed(["", ""])
+    by_hand = cfg_combine(net(x, t, uncond_text, cameras), net(x, t, text, cameras), 3.0)
+    torch.testing.assert_close(teacher.predict(x, t, cond, 3.0), by_hand, atol=1e-5, rtol=1e-5)
+
+    folder = teacher.save(tmp_path / "t")
+    loaded = EmbeddedTeacher.load(folder, text_encoder=HashText())
+    assert loaded.network.config.camera_dim == 3
+    torch.testing.assert_close(loaded.predict(x, t, cond, 3.0), teacher.predict(x, t, cond, 3.0), atol=2e-2, rtol=0)
+
+    text_only = _tiny_teacher().network
+    torch.testing.assert_close(text_only(x, t, text, cameras), text_only(x, t, text))
+
+
+def test_camera_conditioned_training_lowers_the_loss_and_resumes_exactly(tiny_renders, tmp_path):
+    torch.set_num_threads(1)
+    quiet = lambda *a: None
+    config = tiny_config(network=CAMERA_NET)
+    trainer = TeacherTrainer(tmp_path / "a", config, quiet, tiny_renders, HashText())
+    x0, text, camera = trainer.batch(0, torch.Generator().manual_seed(0))
+    norms = camera.norm(dim=-1)
+    assert camera.shape == (8, 3) and torch.all(((norms - 1).abs() < 1e-5) | (norms == 0))
+    before = trainer.validation_loss()
+    trainer.train(max_steps=30)
+    assert trainer.validation_loss() < 0.8 * before
+    first = TeacherTrainer(tmp_path / "b", config, quiet, tiny_renders, HashText())
+    first.train(max_steps=20)
+    resumed = TeacherTrainer(tmp_path / "b", None, quiet, tiny_renders, HashText())
+    resumed.train(max_steps=30)
+    a, b = trainer.state()["model"], resumed.state()["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "config"])

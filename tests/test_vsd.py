@@ -296,12 +296,15 @@ def test_vsd_optimizes_a_learnable_image():
 
 # --- the embedded teacher's LeanUNet ---------------------------------------------------------
 
-def test_vsd_on_the_embedded_lean_unet():
+@pytest.mark.parametrize("camera_dim", [0, 3])
+def test_vsd_on_the_embedded_lean_unet(camera_dim):
+    """Also for a camera-conditioned LeanUNet: the LoRA copy gives its own camera input the
+    direction from c2w, as the teacher gets cond.extra["camera_dirs"], so a fresh LoRA is the teacher."""
     from sds3d.teachers.embedded import EmbeddedTeacher, LeanUNet, NetConfig
 
     torch.manual_seed(0)
     net = LeanUNet(NetConfig(resolution=8, channels=(16, 32), attention_levels=(1,), text_dim=8, emb_dim=32,
-                             groups=4, head_dim=8))
+                             groups=4, head_dim=8, camera_dim=camera_dim))
     # LeanUNet zero-inits its output layers: randomize them so that outputs are non-trivial
     for p in net.parameters():
         if p.dim() > 1 and torch.all(p == 0):
@@ -310,6 +313,9 @@ def test_vsd_on_the_embedded_lean_unet():
     g = torch.Generator().manual_seed(0)
     cond = Cond(["p", "q"], torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g))
     c2w, images = torch.randn(2, 4, 4, generator=g), torch.rand(2, 3, 8, 8, generator=g)
+    directions = torch.nn.functional.normalize(c2w[:, :3, 3], dim=-1) if camera_dim else None
+    if camera_dim:
+        cond.extra["camera_dirs"] = directions
     lora = make_lora_network(teacher)
     assert lora.kind == "lean"
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
@@ -318,8 +324,10 @@ def test_vsd_on_the_embedded_lean_unet():
     assert any("film.lora_A" in n for n in trainable) and any("qkv.lora_B" in n for n in trainable)
     t, x_t = torch.tensor([50, 900]), torch.randn(2, 3, 8, 8, generator=g)
     with torch.no_grad():
-        reference = net(x_t, t, cond.cond)
+        reference = net(x_t, t, cond.cond, directions)
         assert reference.abs().max() > 1e-3
+        if camera_dim:  # the camera matters to this network
+            assert (net(x_t, t, cond.cond) - reference).abs().max() > 1e-4
         torch.testing.assert_close(lora(x_t, t, cond.cond, c2w), reference, atol=1e-6, rtol=1e-6)
     x = images.clone().requires_grad_(True)
     vsd_loss(teacher, lora, x, cond, c2w, guidance_scale=1.0, generator=g).loss.backward()
@@ -331,4 +339,4 @@ def test_vsd_on_the_embedded_lean_unet():
         opt.step()
     with torch.no_grad():
         assert (lora(x_t, t, cond.cond, c2w) - lora(x_t, t, cond.cond, torch.zeros_like(c2w))).abs().max() > 0
-        torch.testing.assert_close(net(x_t, t, cond.cond), reference)  # the teacher's network is untouched
+        torch.testing.assert_close(net(x_t, t, cond.cond, directions), reference)  # the teacher's network is untouched

@@ -94,8 +94,15 @@ class LoraNetwork(nn.Module):
         if self.kind == "diffusers":
             out = self.network(x, t, encoder_hidden_states=text, class_labels=camera).sample
         else:
-            out = self.network(x, t, torch.cat([text, camera.to(text.dtype)], dim=1))
+            out = self.network(x, t, torch.cat([text, camera.to(text.dtype)], dim=1), self._base_camera(camera))
         return out.to(x_t.dtype)
+
+    def _base_camera(self, camera: torch.Tensor) -> torch.Tensor | None:
+        """For a camera-conditioned LeanUNet, its own camera input: the unit direction to the camera
+        from a flattened c2w (zero rows, dropped cameras, stay zero = no camera), as the teacher gets."""
+        if not getattr(self.network.config, "camera_dim", 0) or self.camera_dim != 16:
+            return None
+        return F.normalize(camera.reshape(-1, 4, 4)[:, :3, 3], dim=-1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -84,6 +84,7 @@ def evaluate_run(field, occupancy, scene, mesh_path: str | Path | None = None, n
     from ..nerf.render import render_image
     from ..world.mesh import ground_truth_mesh
     from ..world.render import render_scene
+    from ..world.scenes import COLORS
 
     cameras = evaluation_cameras(resolution)
     nerf = render_image(field, cameras, occupancy=occupancy, num_samples=num_samples, shading="albedo",
@@ -95,8 +96,6 @@ def evaluate_run(field, occupancy, scene, mesh_path: str | Path | None = None, n
     accents = accent_colors(scene)
     accent_nerf = accent_fraction(nerf["rgb"], nerf["opacity"], accents)
     accent_truth = accent_fraction(truth["albedo"], truth["mask"], accents)
-    from ..world.scenes import COLORS
-
     metrics = {
         "prompt_scene": scene.caption,
         "iou_mean": float(iou.mean()),

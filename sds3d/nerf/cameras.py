@@ -78,13 +78,17 @@ def camera_directions(camera: Camera) -> torch.Tensor:
     return torch.nn.functional.normalize(camera.c2w[:, :3, 3], dim=-1)
 
 
+def unit_directions(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor) -> torch.Tensor:
+    """(cos el cos az, cos el sin az, sin el): unit vectors (B, 3) toward cameras at these angles."""
+    el_r, az_r = torch.deg2rad(elevation_deg.float()), torch.deg2rad(azimuth_deg.float())
+    return torch.stack([torch.cos(el_r) * torch.cos(az_r), torch.cos(el_r) * torch.sin(az_r), torch.sin(el_r)], -1)
+
+
 def spherical_cameras(elevation_deg, azimuth_deg, distance, fovy_deg, height: int, width: int | None = None) -> Camera:
     """Cameras on spheres around the origin, looking at it; arguments broadcast to one batch."""
     el, az, dist, fovy = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float32).reshape(-1)
                                                    for v in (elevation_deg, azimuth_deg, distance, fovy_deg)))
-    el_r, az_r = torch.deg2rad(el), torch.deg2rad(az)
-    eye = torch.stack([torch.cos(el_r) * torch.cos(az_r), torch.cos(el_r) * torch.sin(az_r), torch.sin(el_r)], -1)
-    eye = eye * dist[:, None]
+    eye = unit_directions(el, az) * dist[:, None]
     return Camera(look_at(eye), torch.deg2rad(fovy), height, width or height, el, az, dist)
 
 

@@ -41,6 +41,9 @@ class NetConfig:
     mid_attention: bool = True
     patch: int = 1  # 2: pixel-unshuffle stem, the UNet runs at resolution / 2
     text_dim: int = 384
+    # 3: also conditioned on the unit direction to the camera (as MVDream), added to the time and
+    # text embedding; a zero vector means "no camera" (camera dropout in training). 0: text only.
+    camera_dim: int = 0
     emb_dim: int = 256
     groups: int = 8
     head_dim: int = 32
@@ -101,7 +104,7 @@ class SelfAttention(nn.Module):
 
 
 class LeanUNet(nn.Module):
-    """eps/v/x0 network f(x_t, t, text embedding) -> (B, C, R, R)."""
+    """eps/v/x0 network f(x_t, t, text embedding[, camera direction]) -> (B, C, R, R)."""
 
     def __init__(self, config: NetConfig):
         super().__init__()
@@ -110,6 +113,7 @@ class LeanUNet(nn.Module):
         cin = cfg.in_channels * cfg.patch ** 2
         self.time_mlp = nn.Sequential(nn.Linear(128, E), nn.SiLU(), nn.Linear(E, E))
         self.text_mlp = nn.Sequential(nn.Linear(cfg.text_dim, E), nn.SiLU(), nn.Linear(E, E))
+        self.camera_mlp = nn.Sequential(nn.Linear(cfg.camera_dim, E), nn.SiLU(), nn.Linear(E, E)) if cfg.camera_dim else None
         self.conv_in = nn.Conv2d(cin, ch[0], 3, padding=1)
         self.down = nn.ModuleList()
         skip_ch = [ch[0]]
@@ -150,10 +154,16 @@ class LeanUNet(nn.Module):
             h = block(h, emb) if isinstance(block, ResBlock) else block(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, camera: torch.Tensor | None = None) -> torch.Tensor:
+        """camera: (B, camera_dim) unit directions to the cameras, zero rows (or None) for none;
+        ignored by a text-only network (camera_dim 0)."""
         cfg = self.config
         t = t.reshape(-1).expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(t, 128).to(x.dtype)) + self.text_mlp(text.to(x.dtype))
+        if self.camera_mlp is not None:
+            if camera is None:
+                camera = x.new_zeros(x.shape[0], cfg.camera_dim)
+            emb = emb + self.camera_mlp(camera.to(x.device, x.dtype))
         if cfg.patch > 1:
             x = F.pixel_unshuffle(x, cfg.patch)
         h = self.conv_in(x)
@@ -260,22 +270,25 @@ class EmbeddedTeacher:
         return model_to_pixels(x)
 
     # -- denoising ----------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, camera: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16 and self.device.type == "cpu"):
-            out = self.network(x.to(self.device, self.dtype), t.to(self.device), text)
+            out = self.network(x.to(self.device, self.dtype), t.to(self.device), text, camera)
         return out.to(x.dtype)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance_scale: float = 1.0) -> torch.Tensor:
-        """The network's own output (eps, x0 or v, see `prediction_type`), guided."""
+        """The network's own output (eps, x0 or v, see `prediction_type`), guided. A camera-conditioned
+        network reads `cond.extra["camera_dirs"]` (B, 3) in both branches (no camera when absent)."""
         b = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b)
         text_c = cond.cond.to(self.device, self.dtype)
         if text_c.shape[0] != b:
             raise ValueError(f"predict: {b} images but {text_c.shape[0]} prompts in cond")
+        camera = cond.extra.get("camera_dirs") if self.network.config.camera_dim else None
         if guidance_scale == 1.0:
-            return self._forward(x_t, t, text_c)
+            return self._forward(x_t, t, text_c, camera)
         text_u = cond.uncond.to(self.device, self.dtype)
-        out = self._forward(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text_u, text_c]))
+        out = self._forward(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text_u, text_c]),
+                            None if camera is None else torch.cat([camera, camera]))
         out_u, out_c = out.chunk(2)
         return cfg_combine(out_u, out_c, guidance_scale)
 

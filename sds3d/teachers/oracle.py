@@ -20,7 +20,7 @@ p(i | c) ~ exp(kappa d_i . c) with kappa = 1 / sigma^2, so that
 A text view suffix alone ("front view": 90 degrees of azimuth) leaves a rotationally symmetric
 object such as a snowman free to show its face at any azimuth of the bucket, so targets for
 front-only details land at a different place at every step; conditioning on the camera removes
-that ambiguity (measured in tests/test_oracle_sds.py and the snowman end-to-end test).
+that ambiguity (the snowman end-to-end test in tests/test_generate.py measures the face).
 """
 
 from __future__ import annotations

