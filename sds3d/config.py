@@ -217,7 +217,7 @@ def teacher_kind(teacher: str) -> str:
 # exact model of its data and needs no guidance, and it composites random backgrounds behind its
 # renders (measured: snowman IoU 0.19 -> 0.76 with them). Stable Diffusion wants guidance 100 for
 # SDS (DreamFusion) and 7.5 for VSD and NFSD. The embedded network's guidance falls from 3 to 1
-# over the run: "a snowman" colour error 0.206 -> 0.063 (constant 3 paints it grey-blue), "a red
+# over the run (measured with the text-only predecessor of the shipped network): "a snowman" colour error 0.206 -> 0.063 (constant 3 paints it grey-blue), "a red
 # cube" IoU 0.868 -> 0.855 and 0.901 -> 0.885 (seeds 0, 1), colour unchanged.
 TEACHER_DEFAULTS: dict[str, dict] = {
     "embedded": {"guidance_scale_end": 1.0},

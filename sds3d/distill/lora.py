@@ -102,7 +102,9 @@ class LoraNetwork(nn.Module):
         from a flattened c2w (zero rows, dropped cameras, stay zero = no camera), as the teacher gets."""
         if not getattr(self.network.config, "camera_dim", 0) or self.camera_dim != 16:
             return None
-        return F.normalize(camera.reshape(-1, 4, 4)[:, :3, 3], dim=-1)
+        from ..nerf.cameras import camera_directions
+
+        return camera_directions(camera.reshape(-1, 4, 4))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

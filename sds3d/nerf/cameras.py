@@ -73,9 +73,11 @@ def look_at(eye: torch.Tensor, target: torch.Tensor | None = None, up: torch.Ten
     return c2w
 
 
-def camera_directions(camera: Camera) -> torch.Tensor:
-    """Unit vectors (B, 3) from the object (the origin) to each camera."""
-    return torch.nn.functional.normalize(camera.c2w[:, :3, 3], dim=-1)
+def camera_directions(camera: Camera | torch.Tensor) -> torch.Tensor:
+    """Unit vectors (B, 3) from the object (the origin) to each camera, from a Camera or its c2w
+    (B, 4, 4); an all-zero c2w (a dropped camera) gives a zero vector."""
+    c2w = camera.c2w if isinstance(camera, Camera) else camera
+    return torch.nn.functional.normalize(c2w[:, :3, 3], dim=-1)
 
 
 def unit_directions(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor) -> torch.Tensor:
