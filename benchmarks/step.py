@@ -13,8 +13,11 @@ import torch
 
 from sds3d.config import make_config, parse_overrides
 from sds3d.distill.score import sds_loss
-from sds3d.nerf.cameras import VIEW_NAMES, sample_cameras, view_names
-from sds3d.nerf.render import OccupancyGrid, render_image
+from sds3d.geometry.views import VIEW_NAMES, view_names
+from sds3d.geometry.cameras import sample_cameras
+from sds3d.nerf.occupancy import OccupancyGrid
+from sds3d.nerf.render import render_image
+from sds3d.pipelines.regularizers import orientation_loss
 from sds3d.pipelines.text_to_3d import make_field, make_optimizer, make_teacher, view_prompts
 
 
@@ -59,7 +62,7 @@ def main():
             t1 = time.perf_counter()
             cond = teacher.encode_prompt([prompts[v] for v in view_names(cams)])
             loss = sds_loss(teacher, out["rgb"], cond, cfg.guidance_scale, cfg.t_min, cfg.t_max, g).loss
-            loss = loss + cfg.lambda_orientation * out["orientation_loss"].mean() if "orientation_loss" in out else loss
+            loss = loss + cfg.lambda_orientation * orientation_loss(out["backfacing"]) if "backfacing" in out else loss
             t2 = time.perf_counter()
             optimizer.zero_grad()
             loss.backward()

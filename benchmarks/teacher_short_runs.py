@@ -25,8 +25,8 @@ import json
 import time
 from pathlib import Path
 
-from sds3d.teachers.embedded import NetConfig
-from sds3d.teachers.training import TeacherTrainer, TrainConfig
+from sds3d.teachers.unet import NetConfig
+from sds3d.training.teacher import TeacherTrainer, TrainConfig
 
 P2 = dict(resolution=32, channels=(64, 128, 256), patch=2, attention_levels=(1,))
 FULL32 = dict(resolution=32, channels=(32, 64, 128), patch=1, attention_levels=(2,))

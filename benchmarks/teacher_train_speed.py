@@ -37,7 +37,7 @@ class DiffusersBaseline(nn.Module):
 
 
 def candidates(resolution: int) -> dict:
-    from sds3d.teachers.embedded import LeanUNet, NetConfig
+    from sds3d.teachers.unet import LeanUNet, NetConfig
 
     lean = lambda **kw: (lambda: LeanUNet(NetConfig(resolution=resolution, **kw)))
     return {

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 from .io import lists_to_tuples, tuples_to_lists
+from .teachers import teacher_kind
 
 
 class ConfigError(ValueError):
@@ -87,7 +88,7 @@ class GenerateConfig:
     # teacher data: the oracle's image resolution and bank size; latent diffusers teachers upsample
     # renders to vae_resolution before their VAE (threestudio: 64 -> 512)
     teacher_resolution: int = 64
-    vae_resolution: int = 512
+    vae_resolution: int | None = None  # None: the pipeline's native size
     oracle_views_per_bucket: int = 192
     # the oracle's camera conditioning (as MVDream's): width in degrees of its prior over the cameras of
     # its renders around the render's camera; 0 conditions on the text's view suffix only. Measured on
@@ -121,7 +122,8 @@ class GenerateConfig:
         need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
         need(self.lora_lr > 0, "lora_lr", "must be > 0")
         need(0.0 <= self.camera_drop_prob <= 1.0, "camera_drop_prob", "must be in [0, 1]")
-        need(self.vae_resolution >= 8, "vae_resolution", "must be >= 8 (Stable Diffusion: 512)")
+        need(self.vae_resolution is None or self.vae_resolution >= 8, "vae_resolution",
+             "must be null (the pipeline's native size) or >= 8 (Stable Diffusion: 512)")
         need(self.encoding_backend in ("auto", "cpp", "torch", "tcnn"), "encoding_backend",
              "allowed are auto, cpp, torch, tcnn")
         need(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", "allowed are auto, cpu, cuda[:N]")
@@ -205,11 +207,6 @@ PRESETS: dict[str, dict] = {
     "gpu-vsd": {**_GPU_COMMON, "steps": 25000, "loss": "vsd", "guidance_scale": 7.5, "t_max_end": 0.5,
                 "lora_rank": 4, "lora_lr": 1e-4, "camera_drop_prob": 0.1, "render_resolution": 128},
 }
-
-
-def teacher_kind(teacher: str) -> str:
-    """'embedded', 'oracle' or 'diffusers' (any other spec: a pipeline folder or a hub id)."""
-    return teacher if teacher in TEACHERS else "diffusers"
 
 
 # Settings that depend on the teacher (and for diffusers teachers on the loss), applied before the

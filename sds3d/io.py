@@ -1,12 +1,17 @@
-"""Run folders and atomic file writes: nothing a user made is lost or half-written."""
+"""Run folders, atomic file writes and image files: nothing a user made is lost or half-written."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import tempfile
 from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
 
 
 class RunFolderError(RuntimeError):
@@ -59,8 +64,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_save_torch(obj, path: str | os.PathLike) -> None:
     """torch.save through a temporary file, so an interrupted save never leaves a broken checkpoint."""
-    import torch
-
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -92,4 +95,35 @@ def prepare_run_folder(path: str | Path, overwrite: bool = False, resume: bool =
         probe.unlink()
     except OSError as error:
         raise RunFolderError(f"output folder {path} is not writable ({error.strerror}): choose another --out") from None
+    return path
+
+
+# --- images ----------------------------------------------------------------------------------
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
+    image = torch.as_tensor(image).detach().float().cpu().clamp(0.0, 1.0)
+    return (image.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+
+
+def image_grid(images: torch.Tensor, ncols: int | None = None) -> torch.Tensor:
+    """(B, 3, H, W) -> (3, rows*H, ncols*W), row by row, unused cells black; ncols defaults to ceil(sqrt(B))."""
+    b, c, h, w = images.shape
+    ncols = ncols or math.ceil(math.sqrt(b))
+    nrows = math.ceil(b / ncols)
+    grid = images.new_zeros(nrows * ncols, c, h, w)
+    grid[:b] = images
+    return grid.reshape(nrows, ncols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, nrows * h, ncols * w)
+
+
+def save_image(path: str | os.PathLike, image: torch.Tensor, ncols: int | None = None) -> Path:
+    """Write a PNG of one image (3, H, W) or a grid of a batch (B, 3, H, W), values in [0, 1]."""
+    image = torch.as_tensor(image).detach()
+    if image.dim() == 4:
+        image = image_grid(image, ncols)
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an image (3, H, W) or a batch (B, 3, H, W), got shape {tuple(image.shape)}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        imageio.imwrite(tmp, to_uint8(image), format="png")
     return path

@@ -14,11 +14,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from sds3d.nerf import backends, hashgrid_cpp
-from sds3d.nerf.cameras import orbit_cameras
+from sds3d.geometry.cameras import orbit_cameras
 from sds3d.nerf.encoding import (TCNN_INSTALL, BackendUnavailableError, HashGridEncoding, hash_grid_encode,
                                  level_resolutions, select_backend)
 from sds3d.nerf.field import NeRFField
-from sds3d.nerf.render import CudaOccupancy, OccupancyGrid, render_image
+from sds3d.nerf.occupancy import CudaOccupancy, OccupancyGrid
+from sds3d.nerf.render import render_image
 
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++").split()[0]) is not None
 SMALL = dict(n_levels=2, n_features_per_level=2, log2_hashmap_size=8, base_resolution=4, max_resolution=8)
@@ -250,7 +251,7 @@ def test_packed_renderer_matches_the_dense_one_on_cpu(monkeypatch):
     scans) replaced by torch stand-ins that emit the dense renderer's samples: same images."""
     import nerfacc.volrend
 
-    from sds3d.nerf.cameras import camera_rays, ray_box_intersect
+    from sds3d.geometry.cameras import camera_rays, ray_box_intersect
     from sds3d.nerf.render import render_rays, render_rays_packed
 
     dense_weights = nerfacc.volrend.render_weight_from_density  # the batched path runs on CPU as it is
@@ -292,7 +293,7 @@ def test_packed_renderer_matches_the_dense_one_on_cpu(monkeypatch):
     assert set(packed) == set(dense) - {"weights"}
     for key in packed:
         torch.testing.assert_close(packed[key], dense[key], rtol=1e-5, atol=1e-6, msg=key)
-    (packed["rgb"].sum() + packed["orientation_loss"].sum()).backward()
+    (packed["rgb"].sum() + packed["backfacing"].sum()).backward()
     assert field.encoding.table.grad.abs().sum() > 0
     render_rays_packed(field, origins, dirs, occupancy=occupancy, early_stop_eps=1e-4, num_samples=s,
                        stratified=False)

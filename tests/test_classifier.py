@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sds3d.data.world_dataset import RenderSpec, world_renders
+from sds3d.world.dataset import RenderSpec, world_renders
 from sds3d.eval.classifier import (CONFIG_PATH, WEIGHTS_PATH, ClassifierWeightsError, WorldClassifier, load_classifier,
                                    load_classifier_from, prompt_accuracy)
 from sds3d.eval.fd import fd_features, feature_statistics, frechet_distance

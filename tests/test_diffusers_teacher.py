@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_sd import build_tiny_if_pipeline, build_tiny_sd_pipeline  # noqa: E402
 
 from sds3d.distill.score import sds_loss  # noqa: E402
-from sds3d.teachers.base import NoiseSchedule, Teacher  # noqa: E402
+from sds3d.diffusion.schedule import NoiseSchedule
+from sds3d.diffusion.protocol import Teacher  # noqa: E402
 from sds3d.teachers.diffusers import DiffusersTeacher, TeacherLoadError, load_diffusers_teacher  # noqa: E402
 
 PROMPTS = ["a red cube", "a blue ball on a table"]

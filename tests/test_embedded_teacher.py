@@ -7,12 +7,15 @@ import json
 import pytest
 import torch
 
-from sds3d.data.world_dataset import CaptionTable, RenderSpec, scene_phrasings, world_renders
-from sds3d.teachers.base import Teacher
-from sds3d.distill.solvers import ddim_sample, ddim_timesteps
-from sds3d.teachers.embedded import (ASSET_DIR, EmbeddedTeacher, LeanUNet, NetConfig, TeacherWeightsError,
-                                     make_schedule)
-from sds3d.teachers.training import TeacherTrainer, TrainConfig, learning_rate, loss_weights
+from sds3d.world.dataset import CaptionTable, RenderSpec, scene_phrasings, world_renders
+from sds3d.diffusion.protocol import Teacher
+from sds3d.diffusion.solvers import ddim_sample, ddim_timesteps
+from sds3d.teachers.embedded import ASSET_DIR, EmbeddedTeacher, TeacherWeightsError
+from sds3d.teachers.unet import LeanUNet, NetConfig
+from sds3d.diffusion.schedule import make_schedule
+from sds3d.training.teacher import TeacherTrainer, TrainConfig
+from sds3d.training.loop import learning_rate
+from sds3d.diffusion.schedule import min_snr_weights
 from sds3d.world.scenes import Scene, held_out_combinations
 
 
@@ -78,7 +81,7 @@ def test_captions_cover_paraphrases_and_views():
 def test_schedule_helpers():
     sched = make_schedule("cosine")
     t = torch.tensor([0, 500, 999])
-    w = loss_weights(sched, t, "v_prediction", 5.0)
+    w = min_snr_weights(sched, t, "v_prediction", 5.0)
     assert torch.all(w > 0) and torch.all(w <= 1)
     assert ddim_timesteps(1000, 4) == [999, 749, 499, 249]
     cfg = TrainConfig(warmup_steps=10, total_steps=110, lr=1.0, lr_min_ratio=0.1)
@@ -167,8 +170,8 @@ def test_camera_conditioned_network_and_teacher(tmp_path):
     """A camera-conditioned LeanUNet depends on the camera direction, treats None as the zero
     'no camera' vector; the teacher feeds cond.extra["camera_dirs"] to both CFG branches and a
     saved one loads back with its camera embedding. A text-only network ignores cameras."""
-    from sds3d.nerf.cameras import unit_directions
-    from sds3d.teachers.base import cfg_combine
+    from sds3d.geometry.cameras import unit_directions
+    from sds3d.diffusion.protocol import cfg_combine
 
     teacher = _tiny_teacher(network=CAMERA_NET)
     net = teacher.network

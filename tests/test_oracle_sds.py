@@ -5,7 +5,7 @@ import math
 import torch
 
 from sds3d.distill.score import NonFiniteGradientError, sds_loss
-from sds3d.teachers.base import Teacher
+from sds3d.diffusion.protocol import Teacher
 from sds3d.teachers.oracle import OracleTeacher
 
 
@@ -149,7 +149,7 @@ def test_sds_refuses_nan_renders():
 def test_world_banks_know_the_camera_of_every_render():
     """Each bank image's stored camera direction reproduces that image when the world is rendered
     from it (fixed distance and fovy), and front-bucket directions lie within 45 degrees of +x."""
-    from sds3d.nerf.cameras import spherical_cameras
+    from sds3d.geometry.cameras import spherical_cameras
     from sds3d.world.prompts import resolve_prompt
 
     teacher = OracleTeacher(resolution=16, views_per_bucket=4, n_uncond=3, distance_range=(2.75, 2.75),

@@ -7,10 +7,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sds3d.nerf.cameras import camera_rays, ray_box_intersect, spherical_cameras
+from sds3d.geometry.cameras import camera_rays, ray_box_intersect, spherical_cameras
 from sds3d.nerf.field import CPU_FAST_ENCODING, NeRFField
-from sds3d.nerf.render import (OccupancyGrid, opacity_entropy_loss, opacity_sparsity_loss, orientation_loss,
-                               render_image, render_rays)
+from sds3d.nerf.occupancy import OccupancyGrid
+from sds3d.pipelines.regularizers import opacity_entropy_loss, opacity_sparsity_loss, orientation_loss
+from sds3d.nerf.render import backfacing, render_image, render_rays
 
 
 class SmoothField(nn.Module):
@@ -197,10 +198,10 @@ def test_textureless_and_orientation():
     torch.testing.assert_close(out["rgb"], out["opacity"].expand(1, 3))
     assert out["opacity"] > 0.99
     torch.testing.assert_close(out["normal"], torch.tensor([[1.0, 0.0, 0.0]]), atol=2e-2, rtol=0)
-    assert float(out["orientation_loss"]) < 1e-6  # the front faces the camera (the back has w ~ 0)
+    assert float(out["backfacing"]) < 1e-6  # the front faces the camera (the back has w ~ 0)
     inward = render_rays(BallField(sigma=50.0, rho=0.5, inward=True), origins, dirs, num_samples=256,
                          shading="lambertian", stratified=False)
-    assert float(inward["orientation_loss"]) > 0.9
+    assert float(inward["backfacing"]) > 0.9
     # The light from behind leaves only the ambient half of the albedo.
     back = render_rays(field, origins, dirs, num_samples=256, shading="lambertian", stratified=False,
                        light=torch.tensor([[-1.0, 0.0, 0.0]]), background=0.0)
@@ -216,7 +217,7 @@ def test_blob_renders_a_centred_disk_and_backpropagates():
     camera = spherical_cameras([15.0, 60.0], [30.0, -120.0], 2.75, 45.0, 32)
     out = render_image(field, camera, occupancy=grid, shading="lambertian", generator=torch.Generator().manual_seed(0))
     for key, channels in (("rgb", 3), ("opacity", 1), ("depth", 1), ("normal", 3), ("albedo", 3),
-                          ("orientation_loss", 1), ("weights", 64)):
+                          ("backfacing", 1), ("weights", 64)):
         assert out[key].shape == (2, channels, 32, 32), key
     opacity = out["opacity"][:, 0]
     assert (opacity[:, 15:17, 15:17] > 0.9).all()
@@ -225,7 +226,7 @@ def test_blob_renders_a_centred_disk_and_backpropagates():
     for o in opacity:
         centroid = torch.stack([(o * ys).sum(), (o * xs).sum()]) / o.sum()
         assert (centroid - 15.5).abs().max() < 1.0
-    loss = out["rgb"].mean() + out["orientation_loss"].mean() + opacity_sparsity_loss(out["opacity"])
+    loss = out["rgb"].mean() + out["backfacing"].mean() + opacity_sparsity_loss(out["opacity"])
     loss.backward()
     assert field.encoding.table.grad.abs().sum() > 0 and field.head.weight.grad.abs().sum() > 0
 
@@ -250,9 +251,10 @@ def test_regularizers():
     assert opacity_entropy_loss(torch.tensor([0.0, 1.0])) < 0.01
     weights = torch.tensor([[0.5, 0.5]], requires_grad=True)
     normals = torch.tensor([[[0.0, 0.0, 1.0], [0.0, 0.6, 0.8]]], requires_grad=True)
-    loss = orientation_loss(weights, normals, torch.tensor([[0.0, 0.0, 1.0]]))
-    torch.testing.assert_close(loss, torch.tensor([0.5 * 1.0 + 0.5 * 0.64]))
-    loss.sum().backward()
+    per_ray = backfacing(weights, normals, torch.tensor([[0.0, 0.0, 1.0]]))
+    torch.testing.assert_close(per_ray, torch.tensor([0.5 * 1.0 + 0.5 * 0.64]))
+    torch.testing.assert_close(orientation_loss(torch.tensor([0.2, 0.4])), torch.tensor(0.3))
+    per_ray.sum().backward()
     assert weights.grad is None and normals.grad.abs().sum() > 0  # weights are detached
 
 
@@ -284,7 +286,7 @@ def test_z_variance_of_a_uniform_slab_is_one_over_sigma_squared():
     """Inside a deep block of density sigma, the stopping distance of a ray is exponential with rate
     sigma, whose variance is 1/sigma^2: the renderer's z_variance (HiFA) must give that, and the
     loss must count only covered pixels."""
-    from sds3d.nerf.render import z_variance_loss
+    from sds3d.pipelines.regularizers import z_variance_loss
 
     camera = spherical_cameras(0.0, 0.0, 2.5, 10.0, 5)
     for sigma in (10.0, 40.0):

@@ -4,8 +4,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sds3d.distill.schedules import annealed_guidance, annealed_range, sample_timesteps
-from sds3d.teachers.base import NoiseSchedule
+from sds3d.distill.annealing import annealed_guidance, annealed_range
+from sds3d.diffusion.schedule import sample_timesteps
+from sds3d.diffusion.schedule import NoiseSchedule
 
 
 @pytest.mark.parametrize("name,ours", [

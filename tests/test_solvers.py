@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, HeunDiscreteScheduler, UNet2DConditionModel
 
-from sds3d.distill.solvers import (SOLVERS, ddim_sample, ddim_timesteps, dpm_timesteps, dpmpp_2m_sample,
-                                   dpmpp_3m_sample, heun_sample, karras_timesteps, sample)
-from sds3d.teachers.base import Cond, NoiseSchedule, cfg_combine, model_to_pixels
+from sds3d.diffusion.solvers import SOLVERS, ddim_sample, ddim_timesteps, dpm_timesteps, dpmpp_2m_sample, dpmpp_3m_sample, heun_sample, karras_timesteps, sample
+from sds3d.diffusion.protocol import Cond, cfg_combine, model_to_pixels
+from sds3d.diffusion.schedule import NoiseSchedule
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 __array__ notes from diffusers
 
@@ -333,7 +333,9 @@ class HashText:
 
 
 def test_embedded_teacher_ddim_is_reproduced_exactly():
-    from sds3d.teachers.embedded import EmbeddedTeacher, LeanUNet, NetConfig, make_schedule
+    from sds3d.teachers.embedded import EmbeddedTeacher
+    from sds3d.teachers.unet import LeanUNet, NetConfig
+    from sds3d.diffusion.schedule import make_schedule
 
     torch.manual_seed(0)
     net = LeanUNet(NetConfig(resolution=16, channels=(16, 32), attention_levels=(1,), emb_dim=32, head_dim=16))

@@ -4,7 +4,7 @@ image for image, from the same initial latents: diffusers is the reference."""
 import pytest
 import torch
 
-from sds3d.distill.solvers import sample
+from sds3d.diffusion.solvers import sample
 from sds3d.teachers.diffusers import load_diffusers_teacher
 
 from tiny_sd import build_tiny_sd_pipeline

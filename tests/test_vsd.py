@@ -7,7 +7,8 @@ from diffusers import UNet2DConditionModel
 from sds3d.distill.lora import make_lora_network, make_lora_optimizer
 from sds3d.distill.score import (NFSD_NEGATIVE_PROMPT, NonFiniteGradientError, drop_camera, lora_diffusion_loss,
                                  nfsd_loss, sds_loss, vsd_loss)
-from sds3d.teachers.base import Cond, NoiseSchedule, cfg_combine, model_to_pixels, pixels_to_model
+from sds3d.diffusion.protocol import Cond, cfg_combine, model_to_pixels, pixels_to_model
+from sds3d.diffusion.schedule import NoiseSchedule
 
 T = 1000
 
@@ -300,7 +301,8 @@ def test_vsd_optimizes_a_learnable_image():
 def test_vsd_on_the_embedded_lean_unet(camera_dim):
     """Also for a camera-conditioned LeanUNet: the LoRA copy gives its own camera input the
     direction from c2w, as the teacher gets cond.extra["camera_dirs"], so a fresh LoRA is the teacher."""
-    from sds3d.teachers.embedded import EmbeddedTeacher, LeanUNet, NetConfig
+    from sds3d.teachers.embedded import EmbeddedTeacher
+    from sds3d.teachers.unet import LeanUNet, NetConfig
 
     torch.manual_seed(0)
     net = LeanUNet(NetConfig(resolution=8, channels=(16, 32), attention_levels=(1,), text_dim=8, emb_dim=32,

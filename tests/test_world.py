@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sds3d.nerf.cameras import (VIEW_NAMES, Camera, camera_rays, light_direction, spherical_cameras)
+from sds3d.geometry.views import VIEW_NAMES
+from sds3d.geometry.cameras import Camera, camera_rays, spherical_cameras
+from sds3d.geometry.shading import light_direction
 from sds3d.world import (CATEGORIES, COLORS, COMPOSITES, PRIMITIVES, EmptyPromptError, Scene,
                          UnknownPromptError, all_scenes, caption, ground_truth_mesh, held_out_combinations,
                          make_scene, paraphrases, render_scene, resolve_prompt, split_view, strip_view, with_view,

@@ -102,7 +102,7 @@ class LoraNetwork(nn.Module):
         from a flattened c2w (zero rows, dropped cameras, stay zero = no camera), as the teacher gets."""
         if not getattr(self.network.config, "camera_dim", 0) or self.camera_dim != 16:
             return None
-        from ..nerf.cameras import camera_directions
+        from ..geometry.cameras import camera_directions
 
         return camera_directions(camera.reshape(-1, 4, 4))
 
@@ -120,7 +120,7 @@ def network_kind(teacher) -> str:
     network = getattr(teacher, "network", None)
     if network is None:
         raise _refuse(teacher, "has none (network=None): use sds_loss or nfsd_loss with it")
-    from ..teachers.embedded import LeanUNet
+    from ..teachers.unet import LeanUNet
 
     if isinstance(network, LeanUNet):
         return "lean"

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..teachers.base import Cond, cfg_combine
+from ..diffusion.protocol import Cond, cfg_combine
 from .lora import LoraNetwork, make_lora_network, make_lora_optimizer, network_kind  # noqa: F401 (re-exported)
-from .schedules import sample_timesteps
+from ..diffusion.schedule import sample_timesteps
 
 NFSD_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "
                         "low-resolution, gloomy")

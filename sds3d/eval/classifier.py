@@ -2,21 +2,19 @@
 
 It scores generated images without any ground truth: prompt accuracy (does the image show the
 category and colour its prompt asks for) and FD_world (Frechet distance between image sets in its
-penultimate features, sds3d/eval/fd.py). Trained on world renders (sds3d.data) of every scene,
+penultimate features, sds3d/eval/fd.py). Trained on world renders (sds3d.world.dataset) of every scene,
 including the (color, primitive) pairs held out of teacher training, so it can judge those too.
 Weights ship as sds3d/assets/classifier.safetensors with classifier.json (config + accuracy).
+Training is in sds3d/training/classifier.py:
 
-    python -m sds3d.eval.classifier train     # ~5 min on one CPU thread; rewrites the shipped weights
-    python -m sds3d.eval.classifier evaluate  # accuracy of the shipped weights on fresh renders
+    python -m sds3d.training.classifier train     # ~5 min on one CPU thread; rewrites the shipped weights
+    python -m sds3d.training.classifier evaluate  # accuracy of the shipped weights on fresh renders
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nerf.cameras import VIEW_NAMES
+from ..geometry.views import VIEW_NAMES
 from ..world.scenes import CATEGORIES, COLORS
 from ..io import lists_to_tuples, tuples_to_lists
 
@@ -173,30 +171,6 @@ def prompt_accuracy(images: torch.Tensor, prompts: list[str], classifier: WorldC
     }
 
 
-# --- training --------------------------------------------------------------------------------
-
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Label-preserving perturbations, so that imperfect generated images are still read right:
-    shifts of up to 2 px (white fill), mild blur, brightness within 5%, Gaussian noise."""
-    b, _, h, w = images.shape
-    pad = 2
-    padded = F.pad(images, (pad,) * 4, value=1.0)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(b, 3, h, w)
-    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(b, 3, h, w)
-    out = padded[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
-    blur = torch.rand(b, generator=generator) < 0.3
-    if blur.any():
-        kernel = torch.tensor([1.0, 2.0, 1.0])
-        kernel = (kernel[:, None] * kernel[None]) / 16
-        blurred = F.conv2d(F.pad(out[blur], (1, 1, 1, 1), mode="replicate"), kernel.expand(3, 1, 3, 3), groups=3)
-        out[blur] = blurred
-    scale = 1 + 0.1 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
-    noise = torch.randn(out.shape, generator=generator) * 0.04 * torch.rand(b, 1, 1, 1, generator=generator)
-    return (out * scale + noise).clamp(0, 1)
-
-
 def _accuracy(model: WorldClassifier, images: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, float]:
     pred = model.predict(images)
     return {k: float((pred[k] == labels[k]).float().mean()) for k in ("category", "color", "view")}
@@ -204,7 +178,7 @@ def _accuracy(model: WorldClassifier, images: torch.Tensor, labels: dict[str, to
 
 def evaluation_sets(seed: int = 2, views_per_scene: int = 32):
     """Fresh renders for evaluation: generate's camera ranges, a seed no training set uses."""
-    from ..data.world_dataset import RenderSpec, world_renders
+    from ..world.dataset import RenderSpec, world_renders
 
     return world_renders(RenderSpec(resolution=32, views_per_scene=views_per_scene, seed=seed))
 
@@ -218,81 +192,33 @@ def evaluate(model: WorldClassifier, renders) -> dict:
             "n_all": len(renders), "n_held_out_pairs": int(held.numel())}
 
 
-def train_classifier(out_weights: str | Path = WEIGHTS_PATH, epochs: int = 12, batch_size: int = 128, lr: float = 3e-3,
-                     views_per_scene: int = 96, seed: int = 0, log=print) -> tuple[WorldClassifier, dict]:
-    """Train on renders of every scene (seed 1, 15% overhead cameras), evaluate on fresh renders
-    (seed 2), save weights (safetensors) and config+metrics json next to them."""
-    from safetensors.torch import save as save_safetensors
+def is_held_out_prompt(prompt: str) -> bool:
+    """Does the prompt name a (colour, primitive) pair that the embedded teacher never saw?"""
+    from ..world.dataset import is_held_out
+    from ..world.prompts import resolve_prompt
 
-    from ..data.world_dataset import RenderSpec, world_renders
-    from ..io import atomic_path, atomic_write_text
-
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    start = time.time()
-    spec = RenderSpec(resolution=32, views_per_scene=views_per_scene, seed=1, overhead_fraction=0.15)
-    data = world_renders(spec, progress=True)
-    test = evaluation_sets()
-    log(f"data: {len(data)} training renders, {len(test)} test renders ({time.time() - start:.0f} s)")
-    model = WorldClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(data) / batch_size)
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15)
-    labels = {"category": data.category, "color": data.color, "view": data.view}
-    step = 0
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(data), generator=gen)
-        total_loss = 0.0
-        for i in range(0, len(data), batch_size):
-            idx = order[i:i + batch_size]
-            x = augment(data.float_images(idx), gen)
-            logits = model(x)
-            loss = (F.cross_entropy(logits["category"], labels["category"][idx], label_smoothing=0.05)
-                    + F.cross_entropy(logits["color"], labels["color"][idx], label_smoothing=0.05)
-                    + 0.5 * F.cross_entropy(logits["view"], labels["view"][idx], label_smoothing=0.05))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            total_loss += float(loss.detach()) * idx.numel()
-        metrics = evaluate(model, test)
-        log(f"epoch {epoch + 1}/{epochs} loss {total_loss / len(data):.4f} test {metrics['all']} "
-            f"held-out pairs {metrics['held_out_pairs']} ({time.time() - start:.0f} s)")
-    model.eval()
-    metrics = evaluate(model, test)
-    out_weights = Path(out_weights)
-    with atomic_path(out_weights) as tmp:
-        tmp.write_bytes(save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}))
-    meta = {"config": model.config.to_dict(), "categories": list(CATEGORIES), "colors": list(COLOR_NAMES),
-            "views": list(VIEW_NAMES), "train": {"renders": spec.to_dict(), "epochs": epochs, "batch_size": batch_size,
-                                                  "lr": lr, "seed": seed, "seconds": round(time.time() - start, 1)},
-            "test": {"renders": "RenderSpec(resolution=32, views_per_scene=32, seed=2): generate's camera ranges",
-                     **metrics}}
-    atomic_write_text(out_weights.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
-    return model, metrics
+    scene = resolve_prompt(prompt)
+    return is_held_out(scene.category, scene.color)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sds3d.eval.classifier")
-    sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train")
-    tr.add_argument("--out", default=str(WEIGHTS_PATH))
-    tr.add_argument("--epochs", type=int, default=12)
-    tr.add_argument("--threads", type=int, default=None)
-    sub.add_parser("evaluate")
-    args = parser.parse_args(argv)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    if args.command == "train":
-        _, metrics = train_classifier(args.out, epochs=args.epochs)
-    else:
-        metrics = evaluate(load_classifier(), evaluation_sets())
-    print(json.dumps(metrics, indent=2))
-    return 0
+def score_samples(images: torch.Tensor, prompts: list[str]) -> dict:
+    """Classifier prompt accuracy overall and on the held-out (color, primitive) pairs."""
+    acc = prompt_accuracy(images, prompts)
+    held = torch.tensor([is_held_out_prompt(p) for p in prompts])
+    ok_cat = torch.tensor([c == s.category for c, s in zip(acc["predicted_category"], map(_resolve, prompts))])
+    ok_col = torch.tensor([c == s.color for c, s in zip(acc["predicted_color"], map(_resolve, prompts))])
+    out = {"n": acc["n"], "category": acc["category"], "color": acc["color"], "both": acc["both"]}
+    for name, mask in (("held_out", held), ("seen", ~held)):
+        if mask.any():
+            out[f"{name}_category"] = float(ok_cat[mask].float().mean())
+            out[f"{name}_color"] = float(ok_col[mask].float().mean())
+            out[f"{name}_both"] = float((ok_cat & ok_col)[mask].float().mean())
+        else:
+            out[f"{name}_category"] = out[f"{name}_color"] = out[f"{name}_both"] = float("nan")
+    return out
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def _resolve(prompt: str):
+    from ..world.prompts import resolve_prompt
+
+    return resolve_prompt(prompt)

@@ -59,7 +59,7 @@ def fd_world(images_a: torch.Tensor, images_b: torch.Tensor, classifier=None) ->
 def real_vs_real_fd(n: int = 1000, classifier=None, seeds: tuple[int, int] = (2, 3)) -> float:
     """FD_world between two disjoint sets of n real renders (every scene, generate's camera
     ranges, different camera seeds): the floor that FD of generated images is compared to."""
-    from ..data.world_dataset import RenderSpec, world_renders
+    from ..world.dataset import RenderSpec, world_renders
     from ..world.scenes import all_scenes
 
     per_scene = -(-n // len(all_scenes()))

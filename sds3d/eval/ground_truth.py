@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..nerf.cameras import orbit_cameras, view_names
+from ..geometry.cameras import orbit_cameras
+from ..geometry.views import view_names
 from .metrics import chamfer_distance, color_error, silhouette_iou
 
 EVAL_VIEWS = 8

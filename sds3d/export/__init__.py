@@ -2,7 +2,8 @@
 
 from .files import MESH_FORMATS, export_mesh
 from .mesh import DEFAULT_THRESHOLD, auto_threshold, density_grid, extract_mesh, remove_small_components
-from .video import image_grid, save_image, write_turntable
+from ..io import image_grid, save_image
+from .video import write_turntable
 
 __all__ = [
     "DEFAULT_THRESHOLD",

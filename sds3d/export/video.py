@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -14,37 +13,8 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
-from ..nerf.cameras import orbit_cameras
-from ..io import atomic_path
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
-    image = torch.as_tensor(image).detach().float().cpu().clamp(0.0, 1.0)
-    return (image.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-
-
-def image_grid(images: torch.Tensor, ncols: int | None = None) -> torch.Tensor:
-    """(B, 3, H, W) -> (3, rows*H, ncols*W), row by row, unused cells black; ncols defaults to ceil(sqrt(B))."""
-    b, c, h, w = images.shape
-    ncols = ncols or math.ceil(math.sqrt(b))
-    nrows = math.ceil(b / ncols)
-    grid = images.new_zeros(nrows * ncols, c, h, w)
-    grid[:b] = images
-    return grid.reshape(nrows, ncols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, nrows * h, ncols * w)
-
-
-def save_image(path: str | os.PathLike, image: torch.Tensor, ncols: int | None = None) -> Path:
-    """Write a PNG of one image (3, H, W) or a grid of a batch (B, 3, H, W), values in [0, 1]."""
-    image = torch.as_tensor(image).detach()
-    if image.dim() == 4:
-        image = image_grid(image, ncols)
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected an image (3, H, W) or a batch (B, 3, H, W), got shape {tuple(image.shape)}")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        imageio.imwrite(tmp, to_uint8(image), format="png")
-    return path
+from ..geometry.cameras import orbit_cameras
+from ..io import atomic_path, to_uint8
 
 
 def _even(frame: np.ndarray) -> np.ndarray:

@@ -15,7 +15,8 @@ import sys
 import torch
 
 from .encoding import _is_cuda, select_backend, tcnn_unavailable_reason
-from .render import CudaOccupancy, OccupancyGrid, field_device
+from .occupancy import CudaOccupancy, OccupancyGrid
+from .render import field_device
 
 __all__ = ["describe_backends", "field_device", "make_occupancy", "nerfacc_cuda_available"]
 

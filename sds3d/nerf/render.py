@@ -1,6 +1,7 @@
 """Volume rendering of a `NeRFField`: stratified samples in the scene box, occupancy-grid skipping,
-nerfacc compositing, albedo / lambertian / textureless shading, and the DreamFusion-style
-regularizers.
+nerfacc compositing, albedo / lambertian / textureless shading. The occupancy grids are in
+`occupancy.py`; the losses on these renders live with the loop that uses them
+(`sds3d.pipelines.regularizers`).
 
 Samples are kept in a dense (rays, samples) layout because nerfacc's batched functions are the ones
 that run on CPU (its packed functions and estimators want CUDA). Empty space still costs nothing
@@ -16,124 +17,13 @@ packed samples. Same output dict as `render_rays`, without "weights" (packed, no
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import nn
 
-from .cameras import Camera, camera_rays, light_direction, ray_box_intersect, shade_lambertian
+from ..geometry.cameras import Camera, camera_rays, ray_box_intersect
+from ..geometry.shading import light_direction, shade_lambertian
+from .occupancy import CudaOccupancy, OccupancyGrid
 
 SHADINGS = ("albedo", "lambertian", "textureless")
-
-
-class OccupancyGrid(nn.Module):
-    """Which cells of the box [-radius, radius]^3 may hold density, to skip samples in empty space.
-
-    Instant-NGP / nerfacc rule: each update evaluates the density at one jittered point per cell,
-    keeps ema = max(decay * ema, density), and marks a cell occupied where
-    ema > min(threshold, mean(ema)). The threshold is on density: a sample with sigma = 0.01 and a
-    step of ~0.05 has alpha ~ 5e-4, so dropping such cells cannot change an image visibly, while the
-    per-cell max keeps thin parts. Before the first update every cell is occupied.
-    """
-
-    def __init__(self, radius: float = 1.0, resolution: int = 32, decay: float = 0.95, threshold: float = 0.01,
-                 update_every: int = 16):
-        super().__init__()
-        self.radius, self.resolution, self.decay, self.threshold = radius, resolution, decay, threshold
-        self.update_every = update_every
-        shape = (resolution,) * 3
-        self.register_buffer("density_ema", torch.full(shape, -1.0))  # < 0: never evaluated
-        self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
-
-    @property
-    def cell_size(self) -> float:
-        return 2.0 * self.radius / self.resolution
-
-    def cell_centers(self) -> torch.Tensor:
-        """(res^3, 3) centres, in the same (i, j, k) order as the grid."""
-        c = (torch.arange(self.resolution, dtype=torch.float32, device=self.mask.device) + 0.5) * self.cell_size - self.radius
-        return torch.stack(torch.meshgrid(c, c, c, indexing="ij"), -1).reshape(-1, 3)
-
-    @torch.no_grad()
-    def update(self, field, step: int | None = None, generator: torch.Generator | None = None,
-               chunk: int = 65536) -> bool:
-        """Re-evaluate the density on the grid (every `update_every` steps when `step` is given)."""
-        if step is not None and step % self.update_every != 0:
-            return False
-        centers = self.cell_centers()
-        jitter = torch.rand(centers.shape, generator=generator,  # on the generator's device, then the grid's
-                            device=centers.device if generator is None else generator.device).to(centers.device) - 0.5
-        points = centers + jitter * self.cell_size
-        density = torch.cat([field.density(p) for p in points.split(chunk)]).view(self.mask.shape)
-        seen = self.density_ema >= 0
-        self.density_ema.copy_(torch.where(seen, torch.maximum(self.density_ema * self.decay, density), density))
-        threshold = min(self.threshold, float(self.density_ema.mean()))
-        self.mask.copy_(self.density_ema > threshold)
-        return True
-
-    def occupied(self, points: torch.Tensor) -> torch.Tensor:
-        """Bool mask (...,) of points inside the box and in an occupied cell."""
-        cell = ((points + self.radius) / self.cell_size).floor().long()
-        inside = ((cell >= 0) & (cell < self.resolution)).all(-1)
-        cell = cell.clamp(0, self.resolution - 1)
-        return inside & self.mask[cell[..., 0], cell[..., 1], cell[..., 2]]
-
-    def occupied_fraction(self) -> float:
-        return float(self.mask.float().mean())
-
-
-class CudaOccupancy(nn.Module):
-    """nerfacc's `OccGridEstimator` (CUDA only) with `OccupancyGrid`'s interface: `update(field, step,
-    generator)`, `occupied`, `occupied_fraction` and a state_dict (the estimator's buffers).
-
-    Same rule as `OccupancyGrid`: the occupancy value is the density (threshold 0.01 on density),
-    ema = max(decay * ema, density), occupied where ema > min(threshold, mean). nerfacc re-evaluates
-    every cell for `warmup_steps` steps, then a quarter of the cells at random plus as many occupied
-    ones. Every cell starts occupied. Random draws come from torch's global CUDA generator (nerfacc
-    takes no generator), so `generator` is ignored: runs are not bit-reproducible here.
-    """
-
-    packed = True  # render_image: render with `render_rays_packed`
-
-    def __init__(self, radius: float = 1.0, resolution: int = 32, decay: float = 0.95, threshold: float = 0.01,
-                 update_every: int = 16, levels: int = 1, warmup_steps: int = 256, device="cuda",
-                 chunk: int = 262144):
-        super().__init__()
-        from nerfacc import OccGridEstimator  # nerfacc's import is slow: lazy
-
-        self.radius, self.resolution, self.decay, self.threshold = radius, resolution, decay, threshold
-        self.update_every, self.levels, self.warmup_steps, self.chunk = update_every, levels, warmup_steps, chunk
-        self.estimator = OccGridEstimator(roi_aabb=[-radius] * 3 + [radius] * 3, resolution=resolution,
-                                          levels=levels).to(device)
-        self.estimator.binaries.fill_(True)
-
-    def render_step_size(self, num_samples: int) -> float:
-        """The marching step: the box diagonal in `num_samples` steps (threestudio's rule)."""
-        return 2.0 * math.sqrt(3.0) * self.radius / num_samples
-
-    @torch.no_grad()
-    def update(self, field, step: int | None = None, generator: torch.Generator | None = None) -> bool:
-        """Re-evaluate the density on the grid (every `update_every` steps when `step` is given)."""
-        if step is not None and step % self.update_every != 0:
-            return False
-
-        def occ_eval_fn(x):  # (M, 3) world points -> (M,) density
-            return torch.cat([field.density(p) for p in x.split(self.chunk)]) if x.shape[0] else x.new_zeros(0)
-
-        self.estimator.train()  # update_every_n_steps refuses an estimator in eval mode
-        self.estimator.update_every_n_steps(step=step or 0, occ_eval_fn=occ_eval_fn, occ_thre=self.threshold,
-                                            ema_decay=self.decay, warmup_steps=self.warmup_steps, n=1)
-        return True
-
-    def occupied(self, points: torch.Tensor) -> torch.Tensor:
-        """Bool mask (...,) of points inside the box and in an occupied cell of the finest level."""
-        cell = ((points + self.radius) / (2.0 * self.radius / self.resolution)).floor().long()
-        inside = ((cell >= 0) & (cell < self.resolution)).all(-1)
-        cell = cell.clamp(0, self.resolution - 1)
-        return inside & self.estimator.binaries[0][cell[..., 0], cell[..., 1], cell[..., 2]]
-
-    def occupied_fraction(self) -> float:
-        return float(self.estimator.binaries[0].float().mean())
 
 
 def field_device(field) -> torch.device:
@@ -184,7 +74,7 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
     "textureless" (the same with a white albedo); the last two need normals. light (R, 3) points to
     the light; None means a headlight (-dirs). background: scalar, (3,) or (R, 3).
     Returns rgb (R, 3), opacity (R, 1), depth (R, 1), albedo (R, 3), weights (R, S), and when normals
-    were computed normal (R, 3) (the weighted sum of unit normals) and orientation_loss (R,).
+    were computed normal (R, 3) (the weighted sum of unit normals) and backfacing (R, 1).
 
     early_stop_eps > 0 drops samples whose transmittance T is below it (nerfacc's `early_stop_eps`,
     Instant-NGP's early ray termination): a cheap density-only pass without gradients finds T at
@@ -254,7 +144,7 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
     if with_normals:
         normals = compact(out["normal"])
         result["normal"] = to_all_rays(accumulate_along_rays(weights, normals))
-        result["orientation_loss"] = to_all_rays(orientation_loss(weights, normals, dirs[rays]))
+        result["backfacing"] = to_all_rays(backfacing(weights, normals, dirs[rays]))
     return result
 
 
@@ -350,10 +240,10 @@ def render_rays_packed(field, origins: torch.Tensor, dirs: torch.Tensor, num_sam
     result["z_variance"] = accumulate((t_mid[:, None] - mean_depth[ray_indices]) ** 2)
     if with_normals:
         result["normal"] = accumulate(out["normal"])
-        # DreamFusion's orientation penalty (see `orientation_loss`), per packed sample then per ray.
+        # DreamFusion's orientation term (see `backfacing`), per packed sample then per ray.
         cos = (out["normal"] * dirs[ray_indices]).sum(-1)
-        result["orientation_loss"] = accumulate_along_rays(weights.detach(), (cos.clamp_min(0.0) ** 2)[:, None],
-                                                           ray_indices=ray_indices, n_rays=n_rays)[:, 0]
+        result["backfacing"] = accumulate_along_rays(weights.detach(), (cos.clamp_min(0.0) ** 2)[:, None],
+                                                     ray_indices=ray_indices, n_rays=n_rays)[:, 0]
     return result
 
 
@@ -397,17 +287,6 @@ def render_image(field, camera: Camera, chunk: int | None = None, light: torch.T
     return images
 
 
-def orientation_loss(weights: torch.Tensor, normals: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
-    """DreamFusion's orientation penalty per ray: sum_i stop_grad(w_i) max(0, n_i . d)^2.
-
-    Penalises normals facing away from the camera (d is the ray direction, camera -> scene). The
-    weights are detached as in DreamFusion / threestudio, so the penalty moves normals, not
-    opacity. Shapes: weights (R, S), normals (R, S, 3), dirs (R, 3) -> (R,); take the mean.
-    """
-    cos = (normals * dirs[:, None, :]).sum(-1)
-    return (weights.detach() * cos.clamp_min(0.0) ** 2).sum(-1)
-
-
 def depth_variance(weights: torch.Tensor, t: torch.Tensor, depth: torch.Tensor, opacity: torch.Tensor) -> torch.Tensor:
     """Per ray sum_i w_i (t_i - z)^2 with z = depth / opacity, the weighted mean sample distance.
 
@@ -419,18 +298,12 @@ def depth_variance(weights: torch.Tensor, t: torch.Tensor, depth: torch.Tensor, 
     return (weights * (t - mean) ** 2).sum(-1, keepdim=True)
 
 
-def z_variance_loss(z_variance: torch.Tensor, opacity: torch.Tensor, min_opacity: float = 0.5) -> torch.Tensor:
-    """Mean z-variance over the pixels that the object covers (opacity > min_opacity), as threestudio."""
-    mask = opacity > min_opacity
-    return z_variance[mask].mean() if mask.any() else z_variance.sum() * 0.0
-
-
-def opacity_sparsity_loss(opacity: torch.Tensor) -> torch.Tensor:
-    """threestudio's sparsity loss: mean sqrt(opacity^2 + 0.01), a smooth L1 pulling opacity to 0."""
-    return (opacity ** 2 + 0.01).sqrt().mean()
-
-
-def opacity_entropy_loss(opacity: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """threestudio's opaque loss: mean binary entropy of the opacity, pushing it to 0 or 1."""
-    o = opacity.clamp(eps, 1.0 - eps)
-    return -(o * o.log() + (1.0 - o) * (1.0 - o).log()).mean()
+def backfacing(weights: torch.Tensor, normals: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    """Per ray sum_i stop_grad(w_i) max(0, n_i . d)^2: how much visible surface faces away from the
+    camera (d is the ray direction, camera -> scene). DreamFusion's orientation penalty is its mean
+    (`sds3d.pipelines.regularizers.orientation_loss`); the weights are detached as in DreamFusion /
+    threestudio, so the penalty moves normals, not opacity.
+    Shapes: weights (R, S), normals (R, S, 3), dirs (R, 3) -> (R,).
+    """
+    cos = (normals * dirs[:, None, :]).sum(-1)
+    return (weights.detach() * cos.clamp_min(0.0) ** 2).sum(-1)

@@ -22,14 +22,17 @@ from typing import Callable
 import torch
 
 from ..config import GenerateConfig
-from ..distill.schedules import annealed_guidance, annealed_range
+from ..distill.annealing import annealed_guidance, annealed_range
 from ..distill.score import NFSD_NEGATIVE_PROMPT, lora_diffusion_loss, nfsd_loss, sds_loss, vsd_loss
 from ..io import atomic_save_torch, atomic_write_text, prepare_run_folder, slugify
 from ..nerf.backends import describe_backends, field_device, make_occupancy
-from ..nerf.cameras import VIEW_NAMES, camera_directions, orbit_cameras, sample_cameras, view_names
+from ..geometry.views import VIEW_NAMES, view_names
+from ..geometry.cameras import camera_directions, orbit_cameras, sample_cameras
 from ..nerf.field import NeRFField
-from ..nerf.render import opacity_entropy_loss, opacity_sparsity_loss, render_image, z_variance_loss
-from ..teachers.base import Cond
+from .regularizers import opacity_entropy_loss, opacity_sparsity_loss, orientation_loss, z_variance_loss
+from ..nerf.render import render_image
+from ..diffusion.protocol import Cond
+from ..teachers import load_teacher, teacher_kind
 
 
 @dataclass
@@ -54,7 +57,6 @@ class RunResult:
     metrics: dict | None = None
 
 
-WORLD_TEACHERS = ("oracle", "embedded")  # teachers that know only the prompts of the embedded world
 
 
 def default_run_dir(config: GenerateConfig, root: str | Path = "outputs") -> Path:
@@ -75,21 +77,11 @@ def run_device(config: GenerateConfig) -> torch.device:
 
 
 def make_teacher(config: GenerateConfig, device: torch.device | str = "cpu"):
-    """The teacher a config names, on `device`. 'oracle' is the exact denoiser of world renders (CPU)."""
-    if config.teacher == "oracle":
-        from ..teachers.oracle import OracleTeacher
-
-        return OracleTeacher(resolution=config.teacher_resolution, views_per_bucket=config.oracle_views_per_bucket,
-                             seed=0, elevation_range=config.elevation_range, distance_range=config.distance_range,
-                             fovy_range=config.fovy_range, camera_sigma_deg=config.oracle_camera_sigma)
-    if config.teacher == "embedded":
-        from ..teachers.embedded import EmbeddedTeacher
-
-        return EmbeddedTeacher.load(device=device)
-    # Anything else is a diffusers pipeline: a local folder or a hub id (TeacherLoadError says what is wrong).
-    from ..teachers.diffusers import load_diffusers_teacher
-
-    return load_diffusers_teacher(config.teacher, device=device, vae_resolution=config.vae_resolution)
+    """The teacher a config names, on `device` (see `sds3d.teachers.load_teacher`)."""
+    oracle = dict(resolution=config.teacher_resolution, views_per_bucket=config.oracle_views_per_bucket, seed=0,
+                  elevation_range=config.elevation_range, distance_range=config.distance_range,
+                  fovy_range=config.fovy_range, camera_sigma_deg=config.oracle_camera_sigma)
+    return load_teacher(config.teacher, device=device, oracle_options=oracle, vae_resolution=config.vae_resolution)
 
 
 def make_field(config: GenerateConfig, device: torch.device | str = "cpu") -> NeRFField:
@@ -212,7 +204,7 @@ class TextTo3D:
     def train(self, resume: bool = False, show_progress: bool = True) -> None:
         from tqdm import tqdm
 
-        from ..export.video import save_image
+        from ..io import save_image
 
         cfg = self.config
         self._init_state()
@@ -247,7 +239,7 @@ class TextTo3D:
             t_min, t_max = annealed_range(self.step, cfg.steps, cfg.t_min, cfg.t_max, cfg.t_max_end)
             loss = self._distillation_loss(out["rgb"], cond, cameras, t_min, t_max)
             if cfg.lambda_orientation > 0:
-                loss = loss + cfg.lambda_orientation * out["orientation_loss"].mean()
+                loss = loss + cfg.lambda_orientation * orientation_loss(out["backfacing"])
             if cfg.lambda_sparsity > 0:
                 loss = loss + cfg.lambda_sparsity * opacity_sparsity_loss(out["opacity"])
             if cfg.lambda_opacity_entropy > 0:
@@ -345,7 +337,7 @@ def generate(config: GenerateConfig, out: str | Path | None = None, overwrite: b
              teacher=None, callback=None, show_progress: bool = True, evaluate: bool = True) -> RunResult:
     """Prepare the run folder (never clobbering a user's run), save the config, optimize, export, score."""
     config.validate()
-    if config.teacher in WORLD_TEACHERS:  # fail on an unknown prompt before any folder is made
+    if teacher_kind(config.teacher) in ("oracle", "embedded"):  # world teachers: fail on an unknown prompt before any folder is made
         from ..world.prompts import resolve_prompt
 
         resolve_prompt(config.prompt)

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .base import Cond, NoiseSchedule, model_to_pixels, pixels_to_model
+from ..diffusion.protocol import Cond, model_to_pixels, pixels_to_model
+from ..diffusion.schedule import NoiseSchedule
 
 # Pipelines we can drive, by the `_class_name` in model_index.json: their UNet, text encoder and tokenizer
 # are used as the pipeline itself uses them.

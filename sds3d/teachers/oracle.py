@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..nerf.cameras import OVERHEAD_ELEVATION_DEG, FRONT_HALF_ANGLE_DEG, Camera, camera_directions, spherical_cameras
-from .base import Cond, NoiseSchedule, cfg_combine, model_to_pixels, pixels_to_model
+from ..geometry.views import OVERHEAD_ELEVATION_DEG, FRONT_HALF_ANGLE_DEG
+from ..geometry.cameras import Camera, camera_directions, spherical_cameras
+from ..diffusion.protocol import Cond, cfg_combine, model_to_pixels, pixels_to_model
+from ..diffusion.schedule import NoiseSchedule
 
 ORACLE_VERSION = 2  # bump when world rendering changes, to invalidate disk caches
 

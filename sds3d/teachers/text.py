@@ -35,7 +35,7 @@ def minilm_embed(texts: list[str]) -> torch.Tensor:
 
 
 def default_cache_path() -> Path:
-    from ..data.world_dataset import default_cache_dir
+    from ..world.dataset import default_cache_dir
 
     return default_cache_dir() / "text" / "minilm-l6-v2.pt"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from sds3d.nerf.cameras import VIEW_NAMES
+from ..geometry.views import VIEW_NAMES
 
 from .scenes import CATEGORIES, COLORS, COMPOSITES, DEFAULT_COLORS
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from pathlib import Path
 
 import torch
 
@@ -215,3 +216,12 @@ def resolve_prompt(prompt: str) -> Scene:
     category = scores[0][1]
     # The first colour named is the object's ('a red mushroom with white spots'); none: default.
     return make_scene(category, colors[0] if colors else None)
+
+
+def world_txt_prompts() -> list[str]:
+    """Prompts of prompts/world.txt when the repository is at hand, else the world's canonical prompts."""
+    path = Path(__file__).resolve().parents[2] / "prompts" / "world.txt"
+    if path.exists():
+        lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+        return [line for line in lines if line]
+    return world_prompts()

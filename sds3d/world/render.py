@@ -1,6 +1,6 @@
 """Ground-truth renders of world scenes by sphere tracing their SDFs.
 
-Uses the shared camera conventions of `sds3d.nerf.cameras` (same rays, same light, same
+Uses the shared camera conventions of `sds3d.geometry` (same rays, same light, same
 Lambertian rule as the NeRF), so a world render and a NeRF render from one `Camera` line up
 pixel for pixel. Tracing is batched over every ray of every camera; each step evaluates
 the SDF only at rays still marching, and only inside the ray's interval through [-1, 1]^3.
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from sds3d.nerf.cameras import Camera, camera_rays, light_direction, ray_box_intersect, shade_lambertian
+from ..geometry.cameras import Camera, camera_rays, ray_box_intersect
+from ..geometry.shading import light_direction, shade_lambertian
 
 from .scenes import Scene
 

@@ -1,17 +1,14 @@
-"""The Teacher protocol and the discrete variance-preserving noise schedule it lives on.
+"""The discrete variance-preserving noise schedule and its conversions (DDPM / diffusers convention).
 
-Solvers, score distillation and students talk to teachers only through this file, so that a
-pixel-space oracle, our embedded network and a Stable Diffusion checkpoint are interchangeable.
-
-Noise convention (DDPM / diffusers): for integer timesteps t in [0, T),
+For integer timesteps t in [0, T),
     x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps,   sigma_t = sqrt((1 - abar_t) / abar_t),
-and a network predicts eps, x_0 or v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x_0.
+and a network predicts eps, x_0 or v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x_0
+(Salimans & Ho 2022, eq. 11-12 for v). Teachers, solvers, score losses and trainers all use it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
 
 import torch
 
@@ -104,59 +101,41 @@ class NoiseSchedule:
         raise ValueError(f"unknown prediction_type {prediction_type!r}: allowed are 'epsilon', 'sample', 'v_prediction'")
 
 
-@dataclass
-class Cond:
-    """Encoded prompts for one batch: one row per image, conditional and unconditional.
-
-    `cond` / `uncond` are whatever the teacher's network consumes (text embeddings, or for the
-    oracle the index of an image bank); `prompts` keeps the text for logs and caching.
-    `extra["background"]` (B, 3), when set, is the solid background the images were rendered
-    over; teachers that model the background explicitly (the oracle) use it, networks ignore it.
-    """
-
-    prompts: list[str]
-    cond: Any
-    uncond: Any
-    extra: dict = field(default_factory=dict)
+def make_schedule(name: str, num_train_timesteps: int = 1000) -> NoiseSchedule:
+    if name == "cosine":
+        return NoiseSchedule.cosine(num_train_timesteps)
+    if name == "linear":
+        return NoiseSchedule.linear(num_train_timesteps)
+    if name == "scaled_linear":
+        return NoiseSchedule.scaled_linear(num_train_timesteps)
+    raise ValueError(f"unknown schedule {name!r}: allowed are 'cosine', 'linear', 'scaled_linear'")
 
 
-@runtime_checkable
-class Teacher(Protocol):
-    """What every teacher offers. Images at the API boundary are (B, 3, H, W) in [0, 1]."""
-
-    schedule: NoiseSchedule
-    resolution: int
-    channels: int
-    dtype: torch.dtype
-    device: torch.device
-    network: torch.nn.Module | None
-
-    def encode_prompt(self, prompts: list[str], negative: list[str] | None = None) -> Cond:
-        """Text -> conditioning, cached by prompt."""
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] at any size -> the teacher's model space (differentiable)."""
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Model space -> images in [0, 1]."""
-
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance_scale: float = 1.0) -> torch.Tensor:
-        """Guided noise prediction, diffusers convention: uncond + s * (cond - uncond)."""
+def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str, gamma: float | None) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al., 2023) for the plain MSE of each parameterization."""
+    if gamma is None:
+        return torch.ones(t.shape[0])
+    snr = schedule.abar(t) / (1 - schedule.abar(t))
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped  # x0
 
 
-def pixels_to_model(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Images in [0, 1] at any size -> a pixel teacher's space: resized (antialiased) to its resolution, in [-1, 1]."""
-    if images.shape[-1] != resolution or images.shape[-2] != resolution:
-        images = torch.nn.functional.interpolate(images, (resolution, resolution), mode="bilinear",
-                                                 align_corners=False, antialias=True)
-    return images * 2 - 1
+def sample_timesteps(batch: int, num_train_timesteps: int, t_min: float, t_max: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Integer timesteps uniform in [t_min * T, t_max * T] (inclusive), one per image."""
+    if not 0.0 <= t_min <= t_max <= 1.0:
+        raise ValueError(f"timestep range must satisfy 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
+    lo = int(t_min * num_train_timesteps)
+    hi = max(lo, min(int(t_max * num_train_timesteps), num_train_timesteps - 1))
+    return torch.randint(lo, hi + 1, (batch,), generator=generator)
 
 
-def model_to_pixels(x: torch.Tensor) -> torch.Tensor:
-    """A pixel teacher's space [-1, 1] -> images in [0, 1]."""
-    return ((x + 1) / 2).clamp(0, 1)
-
-
-def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance as diffusers writes it."""
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+def stratified_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """One uniform timestep per stratum of [0, T): lower-variance than i.i.d. uniform draws."""
+    u = (torch.arange(batch) + torch.rand(batch, generator=generator)) / batch
+    perm = torch.randperm(batch, generator=generator)
+    return (u[perm] * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)

@@ -1,8 +1,6 @@
-"""Timestep sampling for score distillation, with the annealing schedules threestudio uses."""
+"""The annealing schedules threestudio uses for score distillation: timestep range and guidance over a run."""
 
 from __future__ import annotations
-
-import torch
 
 
 def annealed_range(step: int, total_steps: int, t_min: float = 0.02, t_max: float = 0.98,
@@ -25,13 +23,3 @@ def annealed_guidance(step: int, total_steps: int, guidance_scale: float, guidan
         return guidance_scale
     progress = min(max(step / total_steps, 0.0), 1.0)
     return guidance_scale + (guidance_scale_end - guidance_scale) * progress
-
-
-def sample_timesteps(batch: int, num_train_timesteps: int, t_min: float, t_max: float,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integer timesteps uniform in [t_min * T, t_max * T] (inclusive), one per image."""
-    if not 0.0 <= t_min <= t_max <= 1.0:
-        raise ValueError(f"timestep range must satisfy 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
-    lo = int(t_min * num_train_timesteps)
-    hi = max(lo, min(int(t_max * num_train_timesteps), num_train_timesteps - 1))
-    return torch.randint(lo, hi + 1, (batch,), generator=generator)

@@ -1,4 +1,4 @@
-"""Cameras shared by the NeRF renderer and the synthetic world's renderer.
+"""Pinhole cameras and rays shared by the NeRF renderer, the synthetic world's renderer, teachers and eval.
 
 Conventions (the same everywhere, so that a world render and a NeRF render from the same
 `Camera` line up pixel for pixel):
@@ -10,8 +10,7 @@ Conventions (the same everywhere, so that a world render and a NeRF render from 
 - Camera-to-world matrices follow OpenGL: camera x right, y up, looking along -z.
 - Pixel (i, j) of an H x W image is row i (top to bottom), column j (left to right); rays go
   through pixel centres.
-- View suffixes follow DreamFusion / threestudio: "overhead" above 60 degrees elevation, else
-  "front" within 45 degrees of azimuth 0, "back" within 45 degrees of azimuth 180, "side" between.
+- View buckets (front/side/back/overhead) live in `views.py`, shading in `shading.py`.
 """
 
 from __future__ import annotations
@@ -19,11 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-VIEW_NAMES = ("front", "side", "back", "overhead")
-OVERHEAD_ELEVATION_DEG = 60.0
-FRONT_HALF_ANGLE_DEG = 45.0
-
 
 @dataclass
 class Camera:
@@ -113,27 +107,6 @@ def orbit_cameras(n_views: int, height: int, elevation_deg: float = 15.0, distan
     return spherical_cameras(elevation_deg, azimuth, distance, fovy_deg, height, height)
 
 
-def wrap_azimuth(azimuth_deg: torch.Tensor) -> torch.Tensor:
-    """Azimuth in (-180, 180]."""
-    return -((-torch.as_tensor(azimuth_deg, dtype=torch.float32) + 180.0) % 360.0 - 180.0)
-
-
-def view_name(elevation_deg: float, azimuth_deg: float) -> str:
-    """DreamFusion view bucket of one camera: 'front', 'side', 'back' or 'overhead'."""
-    if float(elevation_deg) > OVERHEAD_ELEVATION_DEG:
-        return "overhead"
-    az = abs(float(wrap_azimuth(torch.tensor(azimuth_deg))))
-    if az <= FRONT_HALF_ANGLE_DEG:
-        return "front"
-    if az >= 180.0 - FRONT_HALF_ANGLE_DEG:
-        return "back"
-    return "side"
-
-
-def view_names(camera: Camera) -> list[str]:
-    return [view_name(e, a) for e, a in zip(camera.elevation_deg.tolist(), camera.azimuth_deg.tolist())]
-
-
 def camera_rays(camera: Camera, jitter: bool = False,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ray origins and unit directions, each (B, H, W, 3), through pixel centres, or with `jitter`
@@ -169,22 +142,3 @@ def ray_box_intersect(origins: torch.Tensor, dirs: torch.Tensor, radius: float =
     t_near = torch.minimum(t0, t1).amax(-1).clamp_min(0.0)
     t_far = torch.maximum(t0, t1).amin(-1)
     return t_near, t_far, t_far > t_near
-
-
-def light_direction(camera: Camera, elevation_offset_deg: float = 30.0, azimuth_offset_deg: float = 30.0) -> torch.Tensor:
-    """A light above and to the side of each camera (B, 3), unit, pointing from the scene to the light.
-
-    The world renders its training images under this light; the NeRF shades with the same rule,
-    so that 'lambertian' renders and the teacher's data agree.
-    """
-    el = camera.elevation_deg + elevation_offset_deg
-    az = camera.azimuth_deg + azimuth_offset_deg
-    el_r, az_r = torch.deg2rad(el.clamp(-89.0, 89.0)), torch.deg2rad(az)
-    return torch.stack([torch.cos(el_r) * torch.cos(az_r), torch.cos(el_r) * torch.sin(az_r), torch.sin(el_r)], -1)
-
-
-def shade_lambertian(albedo: torch.Tensor, normals: torch.Tensor, light: torch.Tensor, ambient: float = 0.5) -> torch.Tensor:
-    """albedo * (ambient + (1 - ambient) * max(0, n . l)); channels last, batch first, light (B, 3)."""
-    light = light.reshape(light.shape[0], *([1] * (normals.dim() - 2)), 3)
-    cos = (normals * light).sum(-1, keepdim=True).clamp_min(0.0)
-    return albedo * (ambient + (1.0 - ambient) * cos)

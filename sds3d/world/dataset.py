@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from ..io import atomic_path
-from ..nerf.cameras import VIEW_NAMES, spherical_cameras, view_name
-from ..world.captions import bare_caption, captions, nouns, paraphrases, with_view
-from ..world.scenes import CATEGORIES, COLORS, DEFAULT_COLORS, Scene, all_scenes, held_out_combinations
+from ..geometry.views import VIEW_NAMES, view_name
+from ..geometry.cameras import spherical_cameras
+from .captions import bare_caption, captions, nouns, paraphrases, with_view
+from .scenes import CATEGORIES, COLORS, DEFAULT_COLORS, Scene, all_scenes, held_out_combinations
 from ..io import lists_to_tuples, tuples_to_lists
 
 DATASET_VERSION = 1  # bump when world rendering or this file's sampling changes
@@ -151,7 +152,7 @@ def _cache_path(spec: RenderSpec, scenes: list[Scene], cache_dir: Path) -> Path:
 
 def render_dataset(spec: RenderSpec, scenes: list[Scene], progress: bool = False) -> WorldRenders:
     """Render (no cache). Rendering is at resolution * supersample, then average-pooled."""
-    from ..world.render import render_scene
+    from .render import render_scene
 
     hi = spec.resolution * spec.supersample
     images, labels = [], {name: [] for name in WorldRenders.FIELDS}

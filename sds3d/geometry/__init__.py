@@ -1,0 +1,1 @@
+"""The lowest layer: cameras, view buckets and shading, shared by world, nerf, teachers and eval."""

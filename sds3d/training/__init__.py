@@ -1,0 +1,1 @@
+"""Training: the shared loop (loop.py), teacher training (teacher.py), classifier training (classifier.py)."""
