@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir")
 
     add_teacher_parser(sub)
+    add_student_parsers(sub)
     return parser
 
 
@@ -131,23 +132,34 @@ def add_teacher_parser(sub) -> None:
     tr.add_argument("--out", required=True)
     tr.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
     tr.add_argument("--max-steps", type=int, default=None)
-    tr.add_argument("--config", default=None, help="JSON file of TrainConfig fields (new runs; a resumed run keeps its own)")
+    tr.add_argument("--config", default=None,
+                    help="JSON or YAML file of TrainConfig settings, e.g. a run's train_config.json (new runs; a resumed "
+                         "run keeps its own); unknown or mistyped settings are refused")
     tr.add_argument("--threads", type=int, default=None)
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                    help="override a TrainConfig field, e.g. --set batch_size=32 --set network.channels=[64,128,256]")
+    tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="any TrainConfig setting (see a run's train_config.json), YAML values, dotted names for the "
+                         "network, repeatable: --set batch_size=32 --set lr=5e-4 --set network.channels=[64,128,256]")
     ex = tsub.add_parser("export", help="write a run's EMA weights as a teacher folder (usable as --teacher DIR)")
     ex.add_argument("--run", required=True)
     where = ex.add_mutually_exclusive_group(required=True)
     where.add_argument("--dest", help="a new folder for the teacher (refused when it holds files)")
     where.add_argument("--into-package", action="store_true",
                        help="replace the teacher shipped inside the installed sds3d package (sds3d/assets/teacher)")
-    ev = tsub.add_parser("eval", help="DDIM samples over prompts/world.txt scored by the world classifier")
-    ev.add_argument("--teacher", default=None, help="teacher folder (default: the shipped one)")
+    ev = tsub.add_parser("eval", help="DDIM samples over prompts/world.txt scored by the world classifier; "
+                                      "writes eval.json and regenerates MODEL_CARD.md")
+    ev.add_argument("--teacher", default=None,
+                    help="teacher folder written by `sds3d teacher export` (default, or 'embedded': the shipped one)")
     ev.add_argument("--samples-per-prompt", type=int, default=4)
-    ev.add_argument("--steps", type=int, default=50)
+    ev.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     ev.add_argument("--guidance", type=float, default=3.0)
-    ev.add_argument("--out", default=None, help="write metrics JSON and a sample grid here")
+    ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--threads", type=int, default=None)
+    dest = ev.add_mutually_exclusive_group()
+    dest.add_argument("--out", default=None,
+                      help="write eval.json, a MODEL_CARD.md and eval_samples.png here, leaving the teacher folder as it is "
+                           "(default: into the teacher folder; the shipped teacher needs --out or --write-into-teacher)")
+    dest.add_argument("--write-into-teacher", action="store_true",
+                      help="write eval.json and MODEL_CARD.md into the teacher folder, the shipped one included")
     sa = tsub.add_parser("sample", help="sample images from a teacher with a chosen solver; prints NFE and seconds")
     sa.add_argument("prompt")
     sa.add_argument("--teacher", default="embedded",
@@ -164,30 +176,33 @@ def add_teacher_parser(sub) -> None:
 
 
 def _config_from_args(args):
+    """The TrainConfig of `teacher train`: defaults < --config file < --set items < --threads, or None
+    when none is given (a resumed run then keeps its train_config.json). Checked strictly and
+    validated here, before the run folder is touched; --set is the one syntax of every command
+    (sds3d.settings.parse_set_items: YAML values, dotted keys for the network)."""
+    import yaml
+
+    from .settings import ConfigError, merge_settings, parse_set_items
     from .training.teacher import TrainConfig
 
     data = {}
     if args.config:
-        data = json.loads(Path(args.config).read_text())
-    for item in args.set:
-        key, _, value = item.partition("=")
+        text = Path(args.config).read_text()
         try:
-            parsed = json.loads(value)
+            data = json.loads(text)
         except json.JSONDecodeError:
-            parsed = value
-        if key.startswith("network."):
-            data.setdefault("network", TrainConfig().network.to_dict())[key.split(".", 1)[1]] = parsed
-        else:
-            data[key] = parsed
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as error:
+                raise ConfigError(f"cannot read --config {args.config}: not JSON or YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {args.config} is not a mapping of TrainConfig setting: value")
+    data = merge_settings(data, parse_set_items(args.set))
     if args.threads:
         data["threads"] = args.threads
     if not data:
         return None
-    base = TrainConfig().to_dict()
-    if "network" in data:
-        base["network"].update(data.pop("network"))
-    base.update(data)
-    return TrainConfig.from_dict(base)
+    return TrainConfig.from_dict(data).validate()
 
 
 def cmd_teacher(args) -> int:
@@ -214,17 +229,54 @@ def cmd_teacher(args) -> int:
         print(f"exported teacher to {folder}")
         return 0
     if args.teacher_command == "eval":
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        teacher = EmbeddedTeacher.load(args.teacher, autocast_bf16=True)
-        metrics, images = evaluate_teacher(teacher, samples_per_prompt=args.samples_per_prompt, steps=args.steps,
-                                           guidance=args.guidance)
-        print(json.dumps(metrics, indent=2))
+        import os
+        import shlex
+
+        from .teachers import is_embedded_teacher_folder
+        from .teachers.embedded import ASSET_DIR
+        from .training.teacher import write_model_card
+
+        for name in ("samples_per_prompt", "steps", "threads"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        folder = ASSET_DIR if args.teacher in (None, "embedded") else Path(args.teacher)
+        if not is_embedded_teacher_folder(folder):
+            raise ValueError(f"{folder} is not an embedded teacher folder (no config.json of `sds3d teacher export`)")
+        shipped = folder.resolve() == ASSET_DIR.resolve()
         if args.out:
             out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "teacher_eval.json", json.dumps(metrics, indent=2) + "\n")
-            save_image(out / "teacher_samples.png", images, ncols=16)
+            if out.resolve() != folder.resolve() and is_embedded_teacher_folder(out):
+                raise ValueError(f"--out {out} is another teacher's folder: its card would describe this one; "
+                                 "choose an empty folder")
+        elif shipped and not args.write_into_teacher:
+            raise ValueError(f"the shipped teacher's folder {folder} is part of the package: give --out DIR, "
+                             "or --write-into-teacher to replace its eval.json and MODEL_CARD.md")
+        else:
+            out = folder
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        # The command that reproduces eval.json, every setting spelled out (also when defaulted).
+        words = ["sds3d", "teacher", "eval"] + (["--teacher", args.teacher] if args.teacher else [])
+        words += ["--samples-per-prompt", str(args.samples_per_prompt), "--steps", str(args.steps),
+                  "--guidance", f"{args.guidance:g}", "--seed", str(args.seed)]
+        words += (["--threads", str(args.threads)] if args.threads else [])
+        words += ["--out", args.out] if args.out else ["--write-into-teacher"] if args.write_into_teacher else []
+        env = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ]
+        teacher = EmbeddedTeacher.load(folder, autocast_bf16=True)
+        record, images = evaluate_teacher(teacher, samples_per_prompt=args.samples_per_prompt, steps=args.steps,
+                                          guidance=args.guidance, seed=args.seed)
+        record = {"command": shlex.join(env + words), **record}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "eval.json", json.dumps(record, indent=2) + "\n")
+        written = [out / "eval.json"]
+        if out.resolve() != folder.resolve():
+            # Beside a separate --out only (not into a teacher folder or the package): the first
+            # sample of every prompt, 13 prompts a row, for a look at what was scored.
+            written.append(save_image(out / "eval_samples.png", images[::args.samples_per_prompt], ncols=13))
+        written.append(write_model_card(folder, out))
+        print(json.dumps(record["metrics"], indent=2), flush=True)
+        print(f"wrote {', '.join(str(p) for p in written)}", flush=True)
         return 0
     if args.teacher_command == "sample":
         paths, result, seconds = sample_teacher(args.prompt, args.teacher, args.solver, args.steps, args.guidance,
@@ -282,9 +334,121 @@ def sample_teacher(prompt: str, teacher="embedded", solver: str = "ddim", steps:
     return paths, result, seconds
 
 
+# --- sds3d distill / sample ---------------------------------------------------------------------
+
+def add_student_parsers(sub) -> None:
+    """`sds3d distill` (train a few-step image student) and `sds3d sample --student` (use one)."""
+    from .distill.students import METHODS
+
+    di = sub.add_parser("distill", help="train a few-step image student of a teacher (SFD, progressive, consistency, KD)")
+    di.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    di.add_argument("--teacher", default="embedded", help="embedded (default), an exported teacher folder, or a diffusers folder / hub id")
+    di.add_argument("--nfe", type=int, required=True, help="network evaluations per sample of the student")
+    di.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    di.add_argument("--batch", type=int, default=None, help="batch size")
+    di.add_argument("--seed", type=int, default=None)
+    di.add_argument("--out", default=None, help="run folder (default outputs/students/<method>-nfe<N>-<seed>)")
+    di.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    di.add_argument("--overwrite", action="store_true", help="start again; the old folder is kept as NAME.old-N")
+    di.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
+    di.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a student setting (YAML value), e.g. --set lr=1e-4 --set options.sub_steps=3")
+    sa = sub.add_parser("sample", help="sample images from a trained student into a PNG grid")
+    sa.add_argument("prompt")
+    sa.add_argument("--student", required=True, help="a folder written by sds3d distill")
+    sa.add_argument("--nfe", type=int, default=None, help="network evaluations (default: the student's own)")
+    sa.add_argument("--n", type=int, default=16, help="number of images")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--out", default=None, help="PNG file (default outputs/student-samples/<slug>-<method>-nfe<N>-seed<S>.png)")
+
+
+def cmd_distill(args) -> int:
+    from .config import parse_overrides
+    from .distill.students import METHODS, StudentConfig, StudentRun
+    from .io import RunFolderError, prepare_run_folder
+    from .distill.students.common import STUDENT_FILE, make_accelerator, read_student_folder
+
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}: allowed are {', '.join(METHODS)}")
+    values = {"method": args.method, "teacher": args.teacher, "nfe": args.nfe}
+    for key, value in (("steps", args.steps), ("batch_size", args.batch), ("seed", args.seed)):
+        if value is not None:
+            values[key] = value
+    for key, value in parse_overrides(args.set).items():
+        if key.startswith("options."):
+            values.setdefault("options", {})[key.split(".", 1)[1]] = value
+        else:
+            values[key] = value
+    config = StudentConfig.from_dict(values)
+    out = Path(args.out) if args.out else Path("outputs/students") / f"{config.method}-nfe{config.nfe}-{config.seed}"
+    if args.resume:
+        if not (out / STUDENT_FILE).exists():
+            raise RunFolderError(f"cannot resume: {out} is not a student run (no {STUDENT_FILE})")
+        saved = StudentConfig.from_dict(json.loads((out / STUDENT_FILE).read_text())["config"])
+        if args.steps is not None:
+            saved.steps = args.steps
+        config = saved
+    config.validate()
+    method_cls = METHODS[config.method]
+    why = method_cls.supported_nfe(config.nfe)
+    if why:  # before any folder is made
+        raise ValueError(f"method {config.method} cannot make a {config.nfe}-NFE student: {why}")
+    method_cls(config)  # checks the method's options
+    accelerator = make_accelerator()  # several processes under `accelerate launch`, else None
+    main = accelerator is None or accelerator.is_main_process
+    fresh = not out.exists()
+    if main:
+        prepare_run_folder(out, overwrite=args.overwrite, resume=args.resume)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    try:
+        run = StudentRun(out, config, method_cls, log=print if main else (lambda *a: None), accelerator=accelerator)
+    except BaseException:
+        if main and fresh and out.exists() and not any(out.iterdir()):
+            out.rmdir()  # a failed start leaves nothing behind
+        raise
+    result = run.train(max_minutes=args.max_minutes)
+    if main:
+        read_student_folder(out)
+        print(f"student folder: {out} ({result['step']} steps, {result['reason']}, {result['train_minutes']:.1f} min)")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import time
+
+    import torch
+
+    from .distill.students import METHODS, load_student
+    from .io import save_image, slugify
+
+    if not args.prompt.strip():
+        raise ValueError("prompt is empty: give the text to sample, e.g. 'a red cube'")
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    student, method, meta = load_student(args.student, METHODS)
+    nfe = args.nfe or meta["nfe"]
+    why = method.supported_nfe(nfe)
+    if why:
+        raise ValueError(f"this {meta['config']['method']} student cannot sample with {nfe} NFE: {why}")
+    name = f"{slugify(args.prompt)}-{meta['config']['method']}-nfe{nfe}-seed{args.seed}.png"
+    out = Path(args.out) if args.out else Path("outputs/student-samples") / name
+    if out.exists():
+        raise ValueError(f"{out} exists: choose another --out or --seed; nothing was written")
+    cond = student.teacher.encode_prompt([args.prompt] * args.n)
+    start = time.perf_counter()
+    result = method.sample(student, cond, nfe, torch.Generator().manual_seed(args.seed))
+    seconds = time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(out, result.images)
+    print(f"wrote {out}: {args.n} image(s), NFE {result.nfe}, {seconds:.2f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "teacher": cmd_teacher}
+    handlers = {"generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "teacher": cmd_teacher,
+                "distill": cmd_distill, "sample": cmd_sample}
     try:
         return handlers[args.command](args)
     except (ValueError, RuntimeError, FloatingPointError, OSError) as error:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from .io import lists_to_tuples, tuples_to_lists
+from .io import tuples_to_lists
+from .settings import ConfigError, check_value, dataclass_from_dict, parse_set_items
 from .teachers import teacher_kind
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the field and what is allowed."""
 
 
 @dataclass
@@ -104,6 +102,13 @@ class GenerateConfig:
     turntable_resolution: int = 128
 
     def validate(self) -> "GenerateConfig":
+        """The config itself, or ConfigError with one line naming the first bad field and what it allows.
+
+        Types first (a config built in code skips from_dict's checks), then ranges."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            check_value(getattr(self, f.name), hints[f.name], f.name)
+
         def need(ok: bool, name: str, allowed: str):
             if not ok:
                 raise ConfigError(f"bad value {name}={getattr(self, name)!r}: {allowed}")
@@ -150,6 +155,23 @@ class GenerateConfig:
             need(lo <= hi, name, "need low <= high")
         need(self.distance_range[0] > 1.8, "distance_range", "cameras must stay outside the scene box: distance > 1.8")
         need(0 < self.fovy_range[0] and self.fovy_range[1] < 120, "fovy_range", "field of view in (0, 120) degrees")
+        # Sizes and counts that otherwise fail only when the run reaches them (types are checked by from_dict).
+        need(0 <= self.seed < 2 ** 64, "seed", "must be an integer in [0, 2**64) (torch.Generator.manual_seed)")
+        need(self.turntable_frames >= 1, "turntable_frames", "must be >= 1 (frames of the turntable video)")
+        need(self.turntable_resolution >= 8, "turntable_resolution", "must be >= 8")
+        need(self.export_resolution >= 8, "export_resolution", "must be >= 8 (marching-cubes grid points per side)")
+        need(self.teacher_resolution >= 8, "teacher_resolution", "must be >= 8")
+        need(self.oracle_views_per_bucket >= 1, "oracle_views_per_bucket", "must be >= 1")
+        need(self.occupancy_resolution >= 1 and self.occupancy_update_every >= 1, "occupancy_resolution",
+             "occupancy_resolution and occupancy_update_every must be >= 1")
+        need(self.n_levels >= 1 and self.hidden_dim >= 1, "n_levels", "n_levels and hidden_dim must be >= 1")
+        need(1 <= self.base_resolution <= self.max_resolution, "max_resolution", "need 1 <= base_resolution <= max_resolution")
+        need(1 <= self.log2_hashmap_size <= 30, "log2_hashmap_size", "must be in [1, 30] (table size 2**N per level)")
+        need(self.blob_density >= 0 and self.blob_radius > 0, "blob_radius", "need blob_density >= 0 and blob_radius > 0")
+        need(0.0 <= self.background <= 1.0, "background", "must be in [0, 1] (a grey level)")
+        need(self.lora_guidance_scale >= 0, "lora_guidance_scale", "must be >= 0")
+        for name in ("lambda_orientation", "lambda_sparsity", "lambda_opacity_entropy"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
         return self
 
     def to_dict(self) -> dict:
@@ -158,12 +180,9 @@ class GenerateConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "GenerateConfig":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}: see `sds3d generate --help` for the allowed ones")
-        fixed = lists_to_tuples(values)
-        return cls(**fixed)
+        """Strict (sds3d.settings.dataclass_from_dict): an unknown key or a value of the wrong type
+        is a ConfigError naming it; lists become tuples. Not yet `validate`d."""
+        return dataclass_from_dict(cls, values)
 
     def save(self, path: str | Path) -> None:
         from .io import atomic_write_text
@@ -231,21 +250,11 @@ def teacher_defaults(teacher: str, loss: str) -> dict:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """`FIELD=VALUE` strings (VALUE in YAML: 0.5, true, [-10, 60], null) -> {field: value}.
+    """`FIELD=VALUE` strings (VALUE in YAML: 0.5, 1e-4, true, [-10, 60], null) -> {field: value}.
 
-    Names and values are checked by `make_config`; a malformed item is one clear error here."""
-    import yaml
-
-    overrides = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or not name.strip():
-            raise ConfigError(f"bad --set {item!r}: write FIELD=VALUE, e.g. lambda_z_variance=100 or elevation_range=[-10,60]")
-        try:
-            overrides[name.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"bad --set {item!r}: VALUE must be a number, true/false, a [list] or text") from None
-    return overrides
+    The one `--set` syntax of every command (sds3d.settings.parse_set_items). Names and values are
+    checked by `make_config`; a malformed item is one clear error here."""
+    return parse_set_items(items)
 
 
 def make_config(preset: str = "cpu-fast", explicit: dict | None = None, **overrides) -> GenerateConfig:
@@ -259,23 +268,4 @@ def make_config(preset: str = "cpu-fast", explicit: dict | None = None, **overri
     values = teacher_defaults(str(chosen.get("teacher", GenerateConfig.teacher)), chosen.get("loss", GenerateConfig.loss))
     values.update(PRESETS[preset], preset=preset)
     values.update(overrides)
-    config = GenerateConfig.from_dict(values)
-    try:
-        return config.validate()
-    except TypeError:  # e.g. steps="many" from --set: name the fields whose type is wrong
-        wrong = [f.name for f in dataclasses.fields(config) if not _same_kind(getattr(config, f.name), f.default)]
-        raise ConfigError(f"bad value type for {', '.join(wrong) or 'a field'}: give a number, true/false, a [list] or text "
-                          "like the field's default (see the saved config.yaml of a run)") from None
-
-
-def _same_kind(value, default) -> bool:
-    """Whether a config value has the type of its field's default (numbers mix; lists stand for tuples)."""
-    if default is dataclasses.MISSING or default is None or value is None:
-        return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(value, bool) == isinstance(default, bool)
-    if isinstance(default, (int, float)):
-        return isinstance(value, (int, float))
-    if isinstance(default, tuple):
-        return isinstance(value, (tuple, list))
-    return isinstance(value, type(default))
+    return GenerateConfig.from_dict(values).validate()

@@ -13,7 +13,7 @@ def test_yaml_round_trip(tmp_path):
 
 
 def test_unknown_field_and_bad_yaml(tmp_path):
-    with pytest.raises(ConfigError, match="unknown config field"):
+    with pytest.raises(ConfigError, match="^unknown setting warp_speed: "):
         GenerateConfig.from_dict({"prompt": "a", "warp_speed": 9})
     (tmp_path / "bad.yaml").write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="not a mapping"):

@@ -1,4 +1,5 @@
-"""The fused C++ hash grid (backend "cpp") against the pure-torch encoder.
+"""The fused C++ hash grid (backend "cpp") against the pure-torch encoder (itself checked against
+tiny-cuda-nn's grid.h written out in tests/test_encoding.py), dense and hashed levels alike.
 
 The first test to use the extension builds it into the cache ($SDS3D_CACHE or ~/.cache/sds3d/ext;
 about 15-30 s on 2 cores, once); the tests skip only where no C++ compiler is present.
@@ -53,9 +54,9 @@ def probe_points(enc, n_random=700, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = [torch.rand(n_random, 3, generator=g)]
     x.append(torch.tensor([[a, b, c] for a in (0.0, 1.0) for b in (0.0, 1.0) for c in (0.0, 1.0)]))
-    for res in enc.resolutions.tolist():
-        k = torch.randint(0, int(res) + 1, (20, 3), generator=g).float()
-        on_planes = k / res  # cell boundaries of this level (as close as float32 gets)
+    for level in enc.levels:
+        k = torch.randint(1, level.resolution + 1, (20, 3), generator=g).float()
+        on_planes = ((k - 0.5) / level.scale).clamp(0.0, 1.0)  # pos = x * scale + 0.5 on a cell boundary (near enough)
         mixed = torch.where(torch.rand(20, 3, generator=g) < 0.5, on_planes, torch.rand(20, 3, generator=g))
         x += [on_planes, mixed]
     x.append(torch.tensor([[-0.25, 0.5, 1.5], [1e-8, 1 - 1e-7, 0.5], [2.0, -1.0, 0.0]]))  # clamped

@@ -75,3 +75,44 @@ def test_teacher_defaults_for_guidance():
     assert make_config(prompt="a red cube", teacher="oracle").guidance_scale_end is None
     assert make_config(prompt="a red cube", guidance_scale=5.0).guidance_scale_end == 1.0
     assert make_config(prompt="a red cube", explicit={"guidance_scale_end": None}).guidance_scale_end is None
+
+
+@pytest.mark.parametrize("name", ["scaled_linear", "squaredcos_cap_v2"])
+def test_min_snr_weights_are_hang_et_al(name):
+    """Min-SNR-gamma (Hang et al., ICCV 2023): the per-timestep weight that turns each
+    parameterization's plain MSE into the x0-loss weighted by min(SNR, gamma):
+    eps: min(SNR, gamma) / SNR, v: min(SNR, gamma) / (SNR + 1), x0: min(SNR, gamma), SNR = abar / (1 - abar),
+    with abar from diffusers' DDPMScheduler and SNR from diffusers' own `compute_snr`."""
+    from diffusers.training_utils import compute_snr
+
+    from sds3d.diffusion.schedule import min_snr_weights
+
+    kwargs = {} if name != "scaled_linear" else {"beta_start": 0.00085, "beta_end": 0.012}
+    reference = DDPMScheduler(num_train_timesteps=1000, beta_schedule=name, **kwargs)
+    ours = NoiseSchedule.scaled_linear() if name == "scaled_linear" else NoiseSchedule.cosine()
+    t, gamma = torch.tensor([0, 10, 100, 300, 600, 999]), 5.0
+    abar = reference.alphas_cumprod.double()[t]
+    snr = abar / (1 - abar)
+    torch.testing.assert_close(snr, compute_snr(reference, t).double(), rtol=1e-5, atol=0)
+    assert snr.max() > gamma > snr.min()  # both sides of the clip are exercised
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    expected = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}
+    for prediction_type, weights in expected.items():
+        got = min_snr_weights(ours, t, prediction_type, gamma)
+        torch.testing.assert_close(got.double(), weights, rtol=1e-4, atol=1e-7, msg=prediction_type)
+    torch.testing.assert_close(min_snr_weights(ours, t, "epsilon", None), torch.ones(len(t)))
+
+
+def test_min_snr_weights_at_known_timesteps():
+    """Stable Diffusion's schedule, gamma 5, hand-checked numbers: at t = 100 SNR = 8.4539 (clipped),
+    at t = 999 SNR = 4.6819e-3 (not clipped)."""
+    from sds3d.diffusion.schedule import min_snr_weights
+
+    schedule, t = NoiseSchedule.scaled_linear(), torch.tensor([100, 999])
+    snr_100, snr_999 = 8.4539, 4.6819e-3
+    torch.testing.assert_close(min_snr_weights(schedule, t, "epsilon", 5.0), torch.tensor([5 / snr_100, 1.0]),
+                               rtol=1e-4, atol=0)
+    torch.testing.assert_close(min_snr_weights(schedule, t, "v_prediction", 5.0),
+                               torch.tensor([5 / (snr_100 + 1), snr_999 / (snr_999 + 1)]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(min_snr_weights(schedule, t, "sample", 5.0), torch.tensor([5.0, snr_999]),
+                               rtol=1e-4, atol=0)

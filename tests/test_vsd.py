@@ -159,24 +159,25 @@ def test_fresh_lora_network_equals_teacher_and_vsd_is_zero(prediction_type):
     with torch.no_grad():
         torch.testing.assert_close(lora(x_t, t, cond.cond, c2w), teacher.raw(x_t, t, cond.cond), atol=1e-6, rtol=1e-6)
 
-    # guidance 1 (and equal CFG scales on both sides): the VSD gradient vanishes at init
-    # (the LoRA's CFG runs cond and uncond as one batch of 4, the teacher as two of 2: float noise only)
-    for s, tol in ((1.0, 1e-7), (7.5, 1e-5)):
-        x = images.clone().requires_grad_(True)
-        out = vsd_loss(teacher, lora, x, cond, c2w, guidance_scale=s, lora_guidance_scale=s, generator=g)
-        out.loss.backward()
-        assert x.grad.abs().max() <= tol
-    # guidance 7.5 against the LoRA at 1: w (eps_cfg - eps_cond), computed from the raw UNet
+    # teacher guidance 1: the VSD gradient vanishes at init
     x = images.clone().requires_grad_(True)
+    vsd_loss(teacher, lora, x, cond, c2w, guidance_scale=1.0, generator=g).loss.backward()
+    assert x.grad.abs().max() <= 1e-7
+    # guidance 7.5 against the LoRA: w (eps_cfg - eps_cond), computed from the raw UNet. The LoRA's
+    # guidance runs over the camera only (threestudio), and a fresh camera embedding is zero, so
+    # lora_guidance_scale changes nothing at init (a text-CFG LoRA at 7.5 would cancel the teacher's)
     noise = torch.randn(2, 3, 8, 8, generator=g)
-    vsd_loss(teacher, lora, x, cond, c2w, guidance_scale=7.5, timesteps=t, noise=noise).loss.backward()
     with torch.no_grad():
         xt = teacher.schedule.add_noise(images * 2 - 1, noise, t)
         e_c, e_u = eps_by_hand(teacher, xt, t, cond.cond), eps_by_hand(teacher, xt, t, cond.uncond)
         w = (1 - teacher.schedule.alphas_cumprod[t]).reshape(-1, 1, 1, 1)
         expected = w * (e_u + 7.5 * (e_c - e_u) - e_c)
     assert expected.abs().max() > 1e-3
-    torch.testing.assert_close(x.grad, 2 * expected / 2, atol=1e-5, rtol=1e-4)  # d/dimages = 2 d/dx; batch mean /2
+    for lora_scale in (1.0, 7.5):
+        x = images.clone().requires_grad_(True)
+        vsd_loss(teacher, lora, x, cond, c2w, guidance_scale=7.5, lora_guidance_scale=lora_scale, timesteps=t,
+                 noise=noise).loss.backward()
+        torch.testing.assert_close(x.grad, 2 * expected / 2, atol=1e-5, rtol=1e-4)  # d/dimages = 2 d/dx; batch mean /2
 
     # the LoRA's own loss: MSE against eps or v (per prediction_type) of the detached encoded renders
     with torch.no_grad():
@@ -297,21 +298,27 @@ def test_vsd_optimizes_a_learnable_image():
 
 # --- the embedded teacher's LeanUNet ---------------------------------------------------------
 
+def lean_teacher(camera_dim, prediction_type="v_prediction", seed=0):
+    """An EmbeddedTeacher around a tiny random LeanUNet; LeanUNet zero-inits its output layers,
+    randomized here so that outputs are non-trivial."""
+    from sds3d.teachers.embedded import EmbeddedTeacher
+    from sds3d.teachers.unet import LeanUNet, NetConfig
+
+    torch.manual_seed(seed)
+    net = LeanUNet(NetConfig(resolution=8, channels=(16, 32), attention_levels=(1,), text_dim=8, emb_dim=32,
+                             groups=4, head_dim=8, camera_dim=camera_dim))
+    for p in net.parameters():
+        if p.dim() > 1 and torch.all(p == 0):
+            torch.nn.init.normal_(p, std=0.05)
+    return EmbeddedTeacher(net, NoiseSchedule.cosine(T), prediction_type, text_encoder=object())
+
+
 @pytest.mark.parametrize("camera_dim", [0, 3])
 def test_vsd_on_the_embedded_lean_unet(camera_dim):
     """Also for a camera-conditioned LeanUNet: the LoRA copy gives its own camera input the
     direction from c2w, as the teacher gets cond.extra["camera_dirs"], so a fresh LoRA is the teacher."""
-    from sds3d.teachers.embedded import EmbeddedTeacher
-    from sds3d.teachers.unet import LeanUNet, NetConfig
-
-    torch.manual_seed(0)
-    net = LeanUNet(NetConfig(resolution=8, channels=(16, 32), attention_levels=(1,), text_dim=8, emb_dim=32,
-                             groups=4, head_dim=8, camera_dim=camera_dim))
-    # LeanUNet zero-inits its output layers: randomize them so that outputs are non-trivial
-    for p in net.parameters():
-        if p.dim() > 1 and torch.all(p == 0):
-            torch.nn.init.normal_(p, std=0.05)
-    teacher = EmbeddedTeacher(net, NoiseSchedule.cosine(T), "v_prediction", text_encoder=object())
+    teacher = lean_teacher(camera_dim)
+    net = teacher.network
     g = torch.Generator().manual_seed(0)
     cond = Cond(["p", "q"], torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g))
     c2w, images = torch.randn(2, 4, 4, generator=g), torch.rand(2, 3, 8, 8, generator=g)
@@ -342,3 +349,64 @@ def test_vsd_on_the_embedded_lean_unet(camera_dim):
     with torch.no_grad():
         assert (lora(x_t, t, cond.cond, c2w) - lora(x_t, t, cond.cond, torch.zeros_like(c2w))).abs().max() > 0
         torch.testing.assert_close(net(x_t, t, cond.cond, directions), reference)  # the teacher's network is untouched
+
+
+@pytest.mark.parametrize("camera_dim,prediction_type", [(3, "v_prediction"), (0, "epsilon")])
+def test_vsd_gradient_is_prolificdreamer_with_view_independent_lora_and_camera_guidance(camera_dim, prediction_type):
+    """ProlificDreamer eq. (9) in threestudio's form, from direct network calls:
+    w(t) (eps_teacher_cfg(y_view) - [eps_lora(y, 0) + s_l (eps_lora(y, c) - eps_lora(y, 0))]), w = 1 - abar,
+    with a LoRA whose adapters and camera embedding are non-zero (a trained one)."""
+    teacher = lean_teacher(camera_dim, prediction_type)
+    net = teacher.network
+    b, s, s_lora = 3, 7.5, 3.0
+    g = torch.Generator().manual_seed(5)
+    view_text, negative, plain_text = (torch.randn(b, 8, generator=g) for _ in range(3))
+    c2w = torch.randn(b, 4, 4, generator=g)
+    directions = torch.nn.functional.normalize(c2w[:, :3, 3], dim=-1)
+    cond = Cond(["a cube, front view"] * b, view_text, negative)
+    if camera_dim:
+        cond.extra["camera_dirs"] = directions
+    lora_cond = Cond(["a cube"] * b, plain_text, None)  # the LoRA has no text guidance: no uncond needed
+    lora = make_lora_network(teacher)
+    with torch.no_grad():
+        lora_b = [p for name, p in lora.named_parameters() if "lora_B" in name]
+        for p in lora_b + list(lora.camera.linear_2.parameters()):
+            torch.nn.init.normal_(p, std=0.3)
+    images = torch.rand(b, 3, 8, 8, generator=g)
+    t, noise = torch.tensor([30, 400, 870]), torch.randn(b, 3, 8, 8, generator=g)
+
+    x = images.clone().requires_grad_(True)
+    vsd_loss(teacher, lora, x, cond, c2w, guidance_scale=s, lora_guidance_scale=s_lora, timesteps=t, noise=noise,
+             lora_cond=lora_cond).loss.backward()
+
+    with torch.no_grad():
+        a = NoiseSchedule.cosine(T).alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        x0 = images * 2 - 1
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+        def to_eps(out):  # v = sqrt(a) eps - sqrt(1 - a) x0  =>  eps = sqrt(a) v + sqrt(1 - a) x_t
+            return out if prediction_type == "epsilon" else a.sqrt() * out + (1 - a).sqrt() * xt
+
+        cam = directions if camera_dim else None
+        teacher_c, teacher_u = net(xt, t, view_text, cam), net(xt, t, negative, cam)
+        eps_teacher = to_eps(teacher_u + s * (teacher_c - teacher_u))
+        lora_camera, lora_no_camera = lora(xt, t, plain_text, c2w), lora(xt, t, plain_text, torch.zeros_like(c2w))
+        eps_lora = to_eps(lora_no_camera + s_lora * (lora_camera - lora_no_camera))
+        expected = (1 - a) * (eps_teacher - eps_lora)
+        # the pieces the formula distinguishes all matter here
+        assert (lora_camera - lora_no_camera).abs().max() > 1e-2
+        assert (lora(xt, t, view_text, c2w) - lora_camera).abs().max() > 1e-2
+    torch.testing.assert_close(x.grad, 2 * expected / b, atol=1e-5, rtol=1e-4)  # d/dimages = 2 d/dx; batch mean
+
+    # without lora_cond the LoRA reads the teacher's (view-dependent) text, which is another gradient
+    x2 = images.clone().requires_grad_(True)
+    vsd_loss(teacher, lora, x2, cond, c2w, guidance_scale=s, lora_guidance_scale=s_lora, timesteps=t,
+             noise=noise).loss.backward()
+    assert (x2.grad - x.grad).abs().max() > 1e-4
+
+    # the LoRA's own loss reads lora_cond's text and the camera: by hand at t, noise (no dropout)
+    with torch.no_grad():
+        target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        by_hand = ((lora(xt, t, plain_text, c2w) - target) ** 2).mean()
+        torch.testing.assert_close(lora_diffusion_loss(teacher, lora, images, lora_cond, c2w, camera_drop_prob=0.0,
+                                                       timesteps=t, noise=noise), by_hand)

@@ -67,8 +67,9 @@ class LoraNetwork(nn.Module):
     """A teacher network copy with LoRA adapters and a camera embedding.
 
     forward(x_t, t, text, camera) -> the network's raw output in `prediction_type` (eps / v / x0),
-    where `text` is one row of `Cond.cond` per image and `camera` is (B, camera_dim) or anything
-    that flattens to it, e.g. c2w (B, 4, 4); zeros mean "no camera".
+    where `text` is one row of `Cond.cond` per image (for VSD the view-independent prompt, as in
+    threestudio) and `camera` is (B, camera_dim) or anything that flattens to it, e.g. c2w (B, 4, 4);
+    zeros mean "no camera" (the branch VSD's camera guidance compares against).
     """
 
     def __init__(self, network: nn.Module, camera: CameraEmbedding, kind: str, prediction_type: str):

@@ -2,15 +2,19 @@
 
 Every loss takes images in [0, 1] from any differentiable generator, asks a frozen teacher for a
 noise prediction and returns a scalar whose gradient w.r.t. the images is the distillation
-gradient. They use the Teacher protocol only (teachers/base.py); VSD also needs the teacher's
+gradient. They use the Teacher protocol only (diffusion/protocol.py); VSD also needs the teacher's
 `network`, which it copies into a camera-conditioned LoRA (distill/lora.py).
 
-- sds_loss: DreamFusion's SDS.
-- nfsd_loss: Noise-Free Score Distillation (Katzir et al., 2023).
-- vsd_loss + lora_diffusion_loss: ProlificDreamer's VSD (Wang et al., 2023). Recipe per step:
+- sds_loss: DreamFusion's SDS (Poole et al., 2022, eq. (3)).
+- nfsd_loss: Noise-Free Score Distillation (Katzir et al., ICLR 2024).
+- vsd_loss + lora_diffusion_loss: ProlificDreamer's VSD (Wang et al., NeurIPS 2023, eq. (9)), in
+  threestudio's form. The teacher sees the view-dependent prompt ("a red cube, front view"), the
+  LoRA the view-independent one ("a red cube") plus the camera. Recipe per step:
 
-      out = vsd_loss(teacher, lora, images, cond, c2w, generator=g)          # images from the generator
-      lora_loss = lora_diffusion_loss(teacher, lora, None, cond, c2w, generator=g, encoded=out.encoded)
+      cond = teacher.encode_prompt(view_prompts)           # one row per image, view suffix included
+      lora_cond = teacher.encode_prompt([prompt] * B)      # the same prompt without the view suffix
+      out = vsd_loss(teacher, lora, images, cond, c2w, generator=g, lora_cond=lora_cond)
+      lora_loss = lora_diffusion_loss(teacher, lora, None, lora_cond, c2w, generator=g, encoded=out.encoded)
       (out.loss + lora_loss).backward()    # the two losses touch disjoint parameters
       generator_opt.step(); lora_opt.step()                # lora_opt = make_lora_optimizer(lora)
 """
@@ -52,9 +56,10 @@ def dreamfusion_weight(abar: torch.Tensor) -> torch.Tensor:
 def sds_loss(teacher, images: torch.Tensor, cond: Cond, guidance_scale: float = 100.0, t_min: float = 0.02,
              t_max: float = 0.98, generator: torch.Generator | None = None,
              timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> ScoreOutput:
-    """Score Distillation Sampling (Poole et al., 2022).
+    """Score Distillation Sampling (DreamFusion, Poole et al., 2022, eq. (3)).
 
-    grad = w(t) (eps_hat(x_t; y, t) - eps), applied through the surrogate
+    grad = w(t) (eps_hat(x_t; y, t) - eps), eps_hat the teacher's CFG prediction at
+    `guidance_scale` and eps the noise that made x_t, applied through the surrogate
     0.5 * |x - stopgrad(x - grad)|^2 summed per image and averaged over the batch (threestudio's form),
     so the gradient w.r.t. the teacher's input x is exactly `grad` and nothing flows through the teacher.
     """
@@ -98,13 +103,16 @@ def nfsd_loss(teacher, images: torch.Tensor, cond: Cond, null_cond: Cond, guidan
               t_min: float = 0.02, t_max: float = 0.98, generator: torch.Generator | None = None,
               timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
               t_threshold: int = NFSD_T_THRESHOLD) -> ScoreOutput:
-    """Noise-Free Score Distillation (Katzir et al., 2023).
+    """Noise-Free Score Distillation (Katzir et al., ICLR 2024, arXiv 2310.17590, Sec. 4).
 
-    grad = w(t) (delta_D + s delta_C), w = 1 - abar, with
-        delta_C = eps(x_t; y) - eps(x_t; empty),
+    grad = w(t) (delta_D + s delta_C), w = 1 - abar (the NFSD gradient), with
+        delta_C = eps(x_t; y) - eps(x_t; empty)                 (the condition direction),
         delta_D = eps(x_t; empty)                              for t <  t_threshold (200 of 1000),
-                = eps(x_t; empty) - eps(x_t; negative)          for t >= t_threshold.
-    Unlike SDS there is no "- noise" term: the sampled noise enters only through x_t.
+                = eps(x_t; empty) - eps(x_t; negative)          for t >= t_threshold
+    (delta_D as their eq. (6) defines it). Why: the CFG prediction eps(empty) + s delta_C that SDS
+    distills mixes an in-domain direction delta_D with a noise direction delta_N; NFSD keeps only
+    delta_D + s delta_C, so there is no "- noise" term and the sampled noise enters only through x_t,
+    which is what lets a nominal s (7.5) work where SDS needs ~100.
 
     The three prompts: `cond.cond` is the prompt y, `cond.uncond` the negative prompt
     (`teacher.encode_prompt(prompts, negative=[NFSD_NEGATIVE_PROMPT])`), and `null_cond.cond` the
@@ -132,15 +140,18 @@ def nfsd_loss(teacher, images: torch.Tensor, cond: Cond, null_cond: Cond, guidan
     return _surrogate("NFSD", x, grad, timesteps)
 
 
-def _lora_eps(teacher, lora_network: LoraNetwork, x_t, timesteps, cond: Cond, camera, guidance_scale: float):
-    """The LoRA network's eps: (y, camera) alone at scale 1, else CFG against (uncond text, zero camera)."""
+def _lora_eps(teacher, lora_network: LoraNetwork, x_t, timesteps, text, camera, guidance_scale: float):
+    """The LoRA network's eps for view-independent `text`, guided over the CAMERA (threestudio's
+    `compute_grad_vsd`): eps(text, 0) + s (eps(text, camera) - eps(text, 0)). At s = 1 that is the
+    camera branch alone, evaluated once. The text is the same in both branches: the LoRA has no
+    unconditional text branch."""
     if guidance_scale == 1.0:
-        out = lora_network(x_t, timesteps, cond.cond, camera)
+        out = lora_network(x_t, timesteps, text, camera)
     else:
-        both = lora_network(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
-                            torch.cat([cond.cond, cond.uncond]), torch.cat([camera, torch.zeros_like(camera)]))
-        out_c, out_u = both.chunk(2)
-        out = cfg_combine(out_u, out_c, guidance_scale)
+        both = lora_network(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), torch.cat([text, text]),
+                            torch.cat([camera, torch.zeros_like(camera)]))
+        out_camera, out_no_camera = both.chunk(2)
+        out = cfg_combine(out_no_camera, out_camera, guidance_scale)
     return teacher.schedule.to_eps(x_t, out, timesteps, lora_network.prediction_type)
 
 
@@ -148,27 +159,34 @@ def vsd_loss(teacher, lora_network: LoraNetwork, images: torch.Tensor, cond: Con
              guidance_scale: float = 7.5, lora_guidance_scale: float = 1.0, t_min: float = 0.02, t_max: float = 0.98,
              generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
              noise: torch.Tensor | None = None, lora_cond: Cond | None = None) -> ScoreOutput:
-    """Variational Score Distillation (ProlificDreamer, Wang et al., 2023), threestudio's form.
+    """Variational Score Distillation (ProlificDreamer, Wang et al., 2023, eq. (9)), threestudio's form.
 
-    grad = w(t) (eps_teacher(x_t; y, s) - eps_lora(x_t; y, c2w)), w = 1 - abar, where the teacher
-    term is CFG at `guidance_scale` and the LoRA term is `lora_network` (make_lora_network) at
-    `lora_guidance_scale` (1: conditional with camera only; else CFG against uncond text + zero
-    camera), converted to eps by the teacher's prediction_type. `c2w` (B, 4, 4) is the cameras'
-    camera-to-world matrices; `lora_cond` (default `cond`) lets the LoRA see view-independent text
-    while the teacher sees view-dependent prompts. Train the LoRA alongside on `lora_diffusion_loss`
-    (pass `encoded=out.encoded` to skip a second encode). Same surrogate and NaN guard as sds_loss.
-    ProlificDreamer anneals t_max 0.98 -> 0.5 over training: pass `schedules.annealed_range(...)`.
+        grad = w(t) (eps_teacher - eps_lora),  w = 1 - abar,
+        eps_teacher = eps(x_t; y_neg) + s (eps(x_t; y_view) - eps(x_t; y_neg))       (text CFG)
+        eps_lora    = eps_phi(x_t; y, 0) + s_lora (eps_phi(x_t; y, c) - eps_phi(x_t; y, 0))  (camera CFG)
+
+    The teacher is the pretrained score of p(x | y_view): `cond.cond` is the view-dependent prompt
+    ("a red cube, front view"), `cond.uncond` its negative, guided at `guidance_scale`. The LoRA
+    (make_lora_network) estimates the score of the renders' own distribution q(x | c, y): it sees the
+    view-independent prompt y = `lora_cond.cond` ("a red cube"; `lora_cond.uncond` is not used) and
+    the camera c = `c2w` (B, 4, 4), and its guidance at `lora_guidance_scale` (default 1: camera
+    branch only) runs between the camera and the zero camera, never over text. Both outputs are
+    converted to eps by their prediction_type. `lora_cond` defaults to `cond` (the LoRA then sees
+    the view-dependent text, which threestudio does not do). Train the LoRA alongside on
+    `lora_diffusion_loss` with the same `lora_cond` (pass `encoded=out.encoded` to skip a second
+    encode). Same surrogate and NaN guard as sds_loss. ProlificDreamer anneals t_max 0.98 -> 0.5
+    over training: pass `annealing.annealed_range(...)`.
     """
     network_kind(teacher)  # one-line refusal for the oracle and unsupported networks
     x = teacher.encode(images)
     schedule = teacher.schedule
     timesteps, noise = _draw(teacher, x, t_min, t_max, generator, timesteps, noise)
     camera = lora_network.flatten_camera(c2w).to(x.device, x.dtype)
+    lora_text = (cond if lora_cond is None else lora_cond).cond
     with torch.no_grad():
         x_t = schedule.add_noise(x.detach(), noise, timesteps)
         eps_teacher = teacher.predict_eps(x_t, timesteps, cond, guidance_scale)
-        lora_cond = cond if lora_cond is None else lora_cond
-        eps_lora = _lora_eps(teacher, lora_network, x_t, timesteps, lora_cond, camera, lora_guidance_scale)
+        eps_lora = _lora_eps(teacher, lora_network, x_t, timesteps, lora_text, camera, lora_guidance_scale)
         grad = _weight(schedule, timesteps, x) * (eps_teacher - eps_lora)
     return _surrogate("VSD", x, grad, timesteps)
 
@@ -185,11 +203,15 @@ def lora_diffusion_loss(teacher, lora_network: LoraNetwork, images: torch.Tensor
                         generator: torch.Generator | None = None, camera_drop_prob: float = 0.1,
                         timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                         encoded: torch.Tensor | None = None) -> torch.Tensor:
-    """The LoRA network's own denoising loss on the detached renders (VSD's inner problem).
+    """The LoRA network's own denoising loss on the detached renders (VSD's inner problem: the
+    diffusion objective that fits ProlificDreamer's eps_phi(x_t; y, c) to the renders).
 
     t uniform over all train timesteps [0, T), target eps / v / x0 per the network's
-    prediction_type, MSE averaged over all elements; text is `cond.cond` and the camera is zeroed
-    per image with probability `camera_drop_prob` (drawn from `generator` after t and noise).
+    prediction_type, MSE averaged over all elements (threestudio's `train_lora`). The text is
+    `cond.cond`: pass the VIEW-INDEPENDENT prompt, the `lora_cond` given to vsd_loss. The camera is
+    zeroed per image with probability `camera_drop_prob` (drawn from `generator` after t and noise),
+    which trains the zero-camera branch that vsd_loss's camera guidance needs (threestudio drops the
+    whole batch's camera with probability 0.1; per image is the same rate per sample).
     `encoded` (vsd_loss's `out.encoded`) replaces `images` to skip re-encoding. Gradients reach only
     the LoRA and camera parameters; optimize them with `make_lora_optimizer(lora_network)`.
     """

@@ -1,19 +1,35 @@
 """Multiresolution hash grid encoding (Instant-NGP), in plain torch, with a closed-form Jacobian.
 
-Conventions follow nerfstudio's ``HashEncoding`` (its pure-torch path), so that a benchmark
-against it compares like with like:
+The function is tiny-cuda-nn's ``HashGrid`` (``include/tiny-cuda-nn/encodings/grid.h``, linear
+interpolation), so that every backend ("torch", "cpp", "tcnn") computes the same features from the
+same hyperparameters, and a checkpoint trained on one means the same on another:
 
-- level ``l`` has resolution ``floor(base_resolution * b**l)`` computed in float32 as nerfstudio
-  does (with ``max_resolution`` given, ``b = exp((ln max - ln base) / (L - 1))``; e.g. 12 levels,
-  base 16, max 512 gives 16 ... 373, 511);
-- a point ``x`` in [0, 1]^3 is scaled by the level's resolution, and its cell corners are
-  ``floor(x * res) + {0, 1}`` per axis (nerfstudio uses floor/ceil, which gives the same values
-  everywhere, and the same derivative except on the measure-zero lattice planes);
-- every level is hashed (no dense indexing of coarse levels):
-  ``(cx * 1) ^ (cy * 2654435761) ^ (cz * 805459861) mod T``, in int64. For a power-of-two T this
-  equals tiny-cuda-nn's uint32 hash, since only the low bits survive the modulo.
+- level ``l`` has the float32 scale ``s_l = exp2(l * log2(per_level_scale)) * base_resolution - 1``
+  (tcnn's ``grid_scale``; the -1 makes ``base_resolution`` count vertices, not cells) and
+  ``R_l = ceil(s_l) + 1`` vertices per axis (``grid_resolution``). With ``max_resolution`` given,
+  ``per_level_scale = exp((ln max - ln base) / (L - 1))``, so the finest level has ``max_resolution``
+  vertices per axis;
+- a point ``x`` in [0, 1]^3 is at ``pos = x * s_l + 0.5`` (tcnn's ``pos_fract``; the half-cell offset
+  staggers the levels, Instant-NGP appendix A); its cell corners are ``floor(pos) + {0, 1}`` per
+  axis and its weights the offsets ``pos - floor(pos)``;
+- a level uses ``size_l = min(next_multiple(R_l^3, 8), T)`` rows of its table. When the R_l^3
+  vertices fit (coarse levels) it is dense: corner ``(X, Y, Z)`` is row
+  ``(X + Y R_l + Z R_l^2) mod size_l`` (a corner one past the last vertex, reachable through the
+  +0.5 offset, wraps around, as in tcnn). The finer levels are hashed,
+  ``(X * 1) ^ (Y * 2654435761) ^ (Z * 805459861) mod T`` (int64 here; for a power-of-two T the low
+  bits equal tcnn's uint32 products);
 - features of a point are the trilinear interpolation of the 8 corner features; the output is
   level-major: ``[l0 f0, l0 f1, l1 f0, ...]``.
+
+Why tcnn's convention rather than nerfstudio's (``floor(base * b**l)`` cells, no offset, every level
+hashed), which this file followed before: the GPU path is tcnn, and a run resumed, exported or
+evaluated on the other kind of machine must see the same field. nerfstudio's ``HashEncoding`` stays
+a peer for speed only (``benchmarks/encoding.py``): its features differ from ours by design. The
+remaining difference to tcnn is rounding: tcnn computes ``pos`` with one fused multiply-add
+(``fmaf``) and its GPU ``exp2f``; here the multiply and the add round separately (as the C++ op
+does, bit for bit), a float32 ulp of ``pos`` apart, which moves a feature by ~1e-7 of its scale.
+Checkpoints of runs trained under the old convention are refused when resumed (see
+`sds3d.pipelines.text_to_3d`); ``GRID_CONVENTION`` names the current one.
 
 Speed (CPU): everything is computed one level at a time (the level's table stays in cache and the
 temporaries stay small) in a feature-major layout, (features, corners, points), where the lerps
@@ -21,22 +37,27 @@ are contiguous elementwise ops and the outputs need no transposition. Training (
 points without grad) goes through `_HashGridInterp`, whose backward scatters the corner gradients
 with one `index_add_` per level and feature instead of autograd's chain of slice-backward copies.
 Points that require grad (e.g. normals checked against autograd) go through `hash_grid_encode`
-under plain autograd: the same formulas.
+under plain autograd: the same formulas. The per-axis index factors (primes or dense strides) are
+cached per device, so that a call builds no small tensors (on a GPU: no host-to-device copies).
 
 Backends: ``HashGridEncoding(backend=...)`` picks the implementation: "torch" (this file), "cpp"
 (the fused OpenMP op of `sds3d.nerf.hashgrid_cpp`, JIT-built on first use), "tcnn" (tiny-cuda-nn's
 fused CUDA grid, imported only when chosen) or "auto" (tcnn for a CUDA device when tinycudann
 imports; otherwise cpp when it builds, else torch). torch and cpp share one parameter (``self.table``,
-(L, T, F)), so their state_dicts move between them. tcnn keeps its own flat parameter vector
-(``self.tcnn.params``): it indexes coarse levels densely and sizes each level's table to fit, so its
-layout differs, and loading a state_dict across the two families fails with one clear line. tcnn
-gives no Jacobian: a field on it computes normals by finite differences (`NeRFField`).
+(L, T, F); a level uses its first ``size_l`` rows). tcnn keeps its own flat parameter vector
+(``self.tcnn.params``): the levels' used rows one after the other, (sum size_l, F) flattened. The
+two layouts hold the same numbers, so a state_dict written by one family is converted when loaded
+into the other (`table_to_tcnn_params`, `tcnn_params_to_table`). tcnn gives no Jacobian: a field on
+it computes normals by finite differences (`NeRFField`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -44,36 +65,89 @@ from torch import nn
 from . import hashgrid_cpp
 
 PRIMES = (1, 2654435761, 805459861)
+# Written into run checkpoints: the function the table parametrizes (see the module docstring).
+GRID_CONVENTION = "tcnn-hashgrid"
 
 
-def level_resolutions(n_levels: int, base_resolution: int, per_level_scale: float) -> torch.Tensor:
-    """floor(base * b**l) for each level, computed like nerfstudio (float32), as a float32 tensor."""
-    return torch.floor(base_resolution * per_level_scale ** torch.arange(n_levels))
+class GridLevel(NamedTuple):
+    """One level of the grid, as tiny-cuda-nn lays it out (see the module docstring)."""
+
+    scale: float  # s_l (a float32 value): pos = x * scale + 0.5
+    resolution: int  # R_l = ceil(s_l) + 1 vertices per axis
+    size: int  # rows of the level's table in use: min(next_multiple(R_l^3, 8), T)
+    dense: bool  # R_l^3 <= size: indexed densely, else hashed
 
 
-def hash_corners(x3: torch.Tensor, resolution: float, table_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Table indices of the 8 cell corners around each point, and the point's offset in its cell.
+def grid_levels(n_levels: int, log2_hashmap_size: int, base_resolution: int,
+                per_level_scale: float) -> tuple[GridLevel, ...]:
+    """The levels of tcnn's HashGrid for these hyperparameters (grid.h: ``grid_scale``,
+    ``grid_resolution`` and the constructor's ``params_in_level``), the scale in float32 as tcnn's
+    kernel computes it: ``exp2f(l * log2f(per_level_scale)) * base - 1``."""
+    table_size = 2 ** log2_hashmap_size
+    log2_scale = torch.tensor(per_level_scale, dtype=torch.float32).log2()
+    scales = torch.exp2(torch.arange(n_levels, dtype=torch.float32) * log2_scale) * base_resolution - 1.0
+    levels = []
+    for scale in scales.tolist():
+        resolution = math.ceil(scale) + 1
+        size = min(-(-resolution ** 3 // 8) * 8, table_size)
+        levels.append(GridLevel(scale, resolution, size, resolution ** 3 <= size))
+    return tuple(levels)
+
+
+def table_to_tcnn_params(table: torch.Tensor, levels) -> torch.Tensor:
+    """tcnn's flat parameter vector from an (L, T, F) table: each level's used rows, concatenated."""
+    return torch.cat([table[l, :level.size].reshape(-1) for l, level in enumerate(levels)])
+
+
+def tcnn_params_to_table(params: torch.Tensor, levels, table_size: int, n_features: int) -> torch.Tensor:
+    """The (L, T, F) table holding tcnn's flat parameters (rows a level does not use are zero)."""
+    table = params.new_zeros(len(levels), table_size, n_features)
+    offset = 0
+    for l, level in enumerate(levels):
+        table[l, :level.size] = params[offset * n_features:(offset + level.size) * n_features].view(level.size, n_features)
+        offset += level.size
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def _axis_factors(device: torch.device, dense_resolution: int) -> torch.Tensor:
+    """(3, 1) int64 factors of a corner's per-axis index terms: the hash primes (dense_resolution 0)
+    or the dense strides (1, R, R^2). Cached per device: built once, not per level and call."""
+    factors = PRIMES if dense_resolution == 0 else (1, dense_resolution, dense_resolution ** 2)
+    return torch.tensor(factors, dtype=torch.long, device=device)[:, None]
+
+
+def corner_indices(x3: torch.Tensor, level: GridLevel, table_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table rows of the 8 cell corners around each point at one level, and the point's offsets.
 
     x3: (3, N) points in [0, 1]. Returns idx (8 * N,) int64, ordered (cx, cy, cz, point) with
-    corner (cx, cy, cz) at floor(x * res) + (cx, cy, cz), and frac (3, N) in [0, 1).
-    `table_size` must be a power of two (the modulo is a bit mask, applied per axis term since
-    it commutes with XOR).
+    corner (cx, cy, cz) at floor(pos) + (cx, cy, cz), pos = x * scale + 0.5, and frac (3, N) in
+    [0, 1). Hashed levels: `table_size` must be a power of two (the modulo is a bit mask, applied
+    per axis term since it commutes with XOR). Dense levels: the terms are summed, then reduced
+    modulo the level's size.
     """
     n = x3.shape[1]
-    scaled = x3 * resolution
-    cell = scaled.floor()
-    frac = scaled - cell
-    primes = torch.tensor(PRIMES, device=x3.device)[:, None]
-    lo = cell.long() * primes  # (3, N): per-axis hash terms of the lower corner
-    hi = (lo + primes) & (table_size - 1)
-    lo &= table_size - 1
+    pos = x3 * level.scale + 0.5
+    cell = pos.floor()
+    frac = pos - cell
+    factors = _axis_factors(x3.device, level.resolution if level.dense else 0)
+    lo = cell.long() * factors  # (3, N): per-axis index terms of the lower corner
+    hi = lo + factors
+    if level.dense:
+        combine = torch.add
+    else:
+        combine = torch.bitwise_xor
+        hi &= table_size - 1
+        lo &= table_size - 1
     yz = torch.empty(2, 2, n, dtype=torch.long, device=x3.device)
     for j, hy in enumerate((lo[1], hi[1])):
         for k, hz in enumerate((lo[2], hi[2])):
-            torch.bitwise_xor(hy, hz, out=yz[j, k])
+            combine(hy, hz, out=yz[j, k])
     idx = torch.empty(2, 2, 2, n, dtype=torch.long, device=x3.device)
-    torch.bitwise_xor(yz, lo[0], out=idx[0])
-    torch.bitwise_xor(yz, hi[0], out=idx[1])
+    combine(yz, lo[0], out=idx[0])
+    combine(yz, hi[0], out=idx[1])
+    if level.dense:
+        idx.remainder_(level.size)
     return idx.view(-1), frac
 
 
@@ -89,12 +163,12 @@ def gather_corners(table_level: torch.Tensor, idx: torch.Tensor) -> torch.Tensor
     return g.view(planes.shape[0], 2, 2, 2, -1)
 
 
-def interpolate_corners(g: torch.Tensor, frac: torch.Tensor, resolution: float, with_jacobian: bool):
+def interpolate_corners(g: torch.Tensor, frac: torch.Tensor, scale: float, with_jacobian: bool):
     """Trilinear interpolation of corner values g (..., 2, 2, 2, N) at cell offsets frac (3, N).
 
     Returns values (..., N) and, if asked, the Jacobian w.r.t. the point in [0, 1]^3,
     (..., 3, N): differences along one axis, interpolated along the two others (the derivative of
-    the trilinear weights applied to the same corner values), times the resolution.
+    the trilinear weights applied to the same corner values), times the level's scale (d pos / d x).
     """
     fx, fy, fz = frac[0], frac[1], frac[2]
     dz = g[..., 1, :] - g[..., 0, :]  # (..., 2, 2, N) over (cx, cy)
@@ -108,15 +182,15 @@ def interpolate_corners(g: torch.Tensor, frac: torch.Tensor, resolution: float, 
     dzy = dz[..., 0, :] + fy * (dz[..., 1, :] - dz[..., 0, :])  # (..., 2, N) over cx
     jac_z = dzy[..., 0, :] + fx * (dzy[..., 1, :] - dzy[..., 0, :])
     jac_y = dy[..., 0, :] + fx * (dy[..., 1, :] - dy[..., 0, :])
-    return values, torch.stack([dx, jac_y, jac_z], -2) * resolution
+    return values, torch.stack([dx, jac_y, jac_z], -2) * scale
 
 
-def corner_gradients(frac: torch.Tensor, resolution: float, grad_values: torch.Tensor | None,
+def corner_gradients(frac: torch.Tensor, scale: float, grad_values: torch.Tensor | None,
                      grad_jac: torch.Tensor | None) -> torch.Tensor:
     """Gradient w.r.t. the 8 corner values (2, 2, 2, N): the adjoint of `interpolate_corners`.
 
     frac (3, N); grad_values (N,) and grad_jac (3, N) are the incoming gradients of one feature
-    (either may be None). With w0 = 1 - f, w1 = f per axis and s = (-res, +res), corner
+    (either may be None). With w0 = 1 - f, w1 = f per axis and s = (-scale, +scale), corner
     (cx, cy, cz) gets  wx wy wz gv + sx wy wz gjx + wx sy wz gjy + wx wy sz gjz,  built axis by
     axis so that nothing larger than (2, 2, 2, N) is formed.
     """
@@ -125,38 +199,39 @@ def corner_gradients(frac: torch.Tensor, resolution: float, grad_values: torch.T
     wz = torch.stack([1.0 - frac[2], frac[2]])
     a = wx * grad_values if grad_values is not None else torch.zeros_like(wx)  # (2, N) over cx
     if grad_jac is not None:
-        gx = resolution * grad_jac[0]
+        gx = scale * grad_jac[0]
         a = a + torch.stack([-gx, gx])
     b = a[:, None] * wy  # (2, 2, N) over (cx, cy)
     if grad_jac is not None:
-        c = resolution * wx * grad_jac[1]
+        c = scale * wx * grad_jac[1]
         b[:, 0] -= c
         b[:, 1] += c
     g = b[:, :, None] * wz  # (2, 2, 2, N)
     if grad_jac is not None:
-        d = resolution * (wx[:, None] * wy) * grad_jac[2]
+        d = scale * (wx[:, None] * wy) * grad_jac[2]
         g[..., 0, :] -= d
         g[..., 1, :] += d
     return g
 
 
-def hash_grid_encode(table: torch.Tensor, x3: torch.Tensor, resolutions, with_jacobian: bool):
+def hash_grid_encode(table: torch.Tensor, x3: torch.Tensor, levels, with_jacobian: bool):
     """Features (L, F, N) and Jacobians (L, F, 3, N) of points x3 (3, N); plain autograd ops.
 
-    Feature-major ("planar") outputs: viewed as (L*F, N) and (L*F, 3*N) they are the right-hand
-    sides of the next layer's GEMMs, and every per-level write is contiguous.
+    `levels`: the `GridLevel`s of `grid_levels`. Feature-major ("planar") outputs: viewed as
+    (L*F, N) and (L*F, 3*N) they are the right-hand sides of the next layer's GEMMs, and every
+    per-level write is contiguous.
     """
     n_levels, table_size, n_features = table.shape
     n = x3.shape[1]
     feats = x3.new_empty(n_levels, n_features, n)
     jacs = x3.new_empty(n_levels, n_features, 3, n) if with_jacobian else None
-    for level, table_level in enumerate(table.unbind(0)):
-        idx, frac = hash_corners(x3, resolutions[level], table_size)
+    for l, table_level in enumerate(table.unbind(0)):
+        idx, frac = corner_indices(x3, levels[l], table_size)
         g = gather_corners(table_level, idx)
-        values, jac = interpolate_corners(g, frac, resolutions[level], with_jacobian)
-        feats[level] = values
+        values, jac = interpolate_corners(g, frac, levels[l].scale, with_jacobian)
+        feats[l] = values
         if with_jacobian:
-            jacs[level] = jac
+            jacs[l] = jac
     return feats, jacs
 
 
@@ -169,10 +244,10 @@ class _HashGridInterp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, table, x3, resolutions, with_jacobian):
-        feats, jacs = hash_grid_encode(table, x3, resolutions, with_jacobian)
+    def forward(ctx, table, x3, levels, with_jacobian):
+        feats, jacs = hash_grid_encode(table, x3, levels, with_jacobian)
         ctx.save_for_backward(x3)
-        ctx.resolutions, ctx.with_jacobian, ctx.table_shape = resolutions, with_jacobian, table.shape
+        ctx.levels, ctx.with_jacobian, ctx.table_shape = levels, with_jacobian, table.shape
         ctx.set_materialize_grads(False)
         return feats, (jacs if with_jacobian else feats.new_zeros(0))
 
@@ -186,13 +261,12 @@ class _HashGridInterp(torch.autograd.Function):
         grad_feats = grad_feats.contiguous() if grad_feats is not None else None
         grad_jacs = grad_jacs.contiguous() if use_jac else None
         grad_planes = x3.new_zeros(n_levels, n_features, table_size)
-        for level in range(n_levels):
-            resolution = ctx.resolutions[level]
-            idx, frac = hash_corners(x3, resolution, table_size)
+        for l, level in enumerate(ctx.levels):
+            idx, frac = corner_indices(x3, level, table_size)
             for f in range(n_features):
-                g = corner_gradients(frac, resolution, None if grad_feats is None else grad_feats[level, f],
-                                     grad_jacs[level, f] if use_jac else None)
-                grad_planes[level, f].index_add_(0, idx, g.view(-1))
+                g = corner_gradients(frac, level.scale, None if grad_feats is None else grad_feats[l, f],
+                                     grad_jacs[l, f] if use_jac else None)
+                grad_planes[l, f].index_add_(0, idx, g.view(-1))
         return grad_planes.transpose(1, 2), None, None, None
 
 
@@ -271,25 +345,30 @@ def tcnn_encoding_config(n_levels: int, n_features_per_level: int, log2_hashmap_
             "per_level_scale": float(per_level_scale)}
 
 
-def _layout_name(backend: str) -> str:
-    return "tcnn (tiny-cuda-nn, flat params)" if backend == "tcnn" else f"{backend} ((L, T, F) table)"
+def _cuda_device(device):
+    """Context making `device` the current CUDA device: tiny-cuda-nn allocates its parameters and
+    runs on the current device, not on the one a module is meant for (a no-op where it is not CUDA)."""
+    return torch.cuda.device(torch.device(device)) if _is_cuda(device) else contextlib.nullcontext()
 
 
 class HashGridEncoding(nn.Module):
     """Instant-NGP multiresolution hash grid: x in [0, 1]^3 (N, 3) -> features (N, L * F).
 
-    Parameters live in one table ``self.table`` (L, T, F), initialised uniform(-init_scale,
-    init_scale) as in tiny-cuda-nn. ``backend`` ("torch", "cpp", "tcnn" or "auto") picks the
-    implementation (see `select_backend`); torch and cpp share the parameter layout, so their
-    state_dicts are interchangeable. "cpp" is checked (built) at construction; "auto" for a CPU
-    device (``device`` None or "cpu") is settled the first time it matters, i.e. on the first use
-    with a float32 CPU table, so a module moved to a GPU never builds the CPU op. "auto" for a CUDA
-    ``device`` is settled at construction (the parameter layout depends on it): "tcnn" when
-    tinycudann imports. With "tcnn" the parameters are tiny-cuda-nn's flat vector
-    ``self.tcnn.params`` on the GPU (no ``table``) and `forward_with_jacobian` is unavailable. The
-    attribute ``backend`` reports the implementation in use. The fused CPU op takes float32 CPU
-    tensors and points that need no gradient; any other call (points requiring grad, e.g. for
-    autograd normals; another device or dtype) goes through the torch path.
+    tiny-cuda-nn's HashGrid function on every backend (module docstring). Parameters live in one
+    table ``self.table`` (L, T, F), initialised uniform(-init_scale, init_scale) as in tiny-cuda-nn;
+    ``self.levels`` are the levels' `GridLevel`s. ``backend`` ("torch", "cpp", "tcnn" or "auto")
+    picks the implementation (see `select_backend`); torch and cpp share the parameter layout, so
+    their state_dicts are interchangeable, and a tcnn state_dict is converted on load (and back).
+    "cpp" is checked (built) at construction; "auto" for a CPU device (``device`` None or "cpu") is
+    settled the first time it matters, i.e. on the first use with a float32 CPU table, so a module
+    moved to a GPU never builds the CPU op. "auto" for a CUDA ``device`` is settled at construction
+    (the parameter layout depends on it): "tcnn" when tinycudann imports. With "tcnn" the
+    parameters are tiny-cuda-nn's flat vector ``self.tcnn.params``, allocated on ``device`` (made
+    the current CUDA device while tcnn builds it), there is no ``table``, and
+    `forward_with_jacobian` is unavailable. The attribute ``backend`` reports the implementation in
+    use. The fused CPU op takes float32 CPU tensors and points that need no gradient; any other call
+    (points requiring grad, e.g. for autograd normals; another device or dtype) goes through the
+    torch path.
     """
 
     def __init__(self, n_levels: int = 16, n_features_per_level: int = 2, log2_hashmap_size: int = 19,
@@ -304,24 +383,35 @@ class HashGridEncoding(nn.Module):
             per_level_scale = math.exp((math.log(max_resolution) - math.log(base_resolution)) / max(n_levels - 1, 1))
         self.n_levels, self.n_features_per_level = n_levels, n_features_per_level
         self.log2_hashmap_size, self.base_resolution, self.per_level_scale = log2_hashmap_size, base_resolution, per_level_scale
-        self.register_buffer("resolutions", level_resolutions(n_levels, base_resolution, per_level_scale), persistent=False)
-        self._resolutions = tuple(float(r) for r in self.resolutions)
+        self.levels = grid_levels(n_levels, log2_hashmap_size, base_resolution, per_level_scale)
+        # The fused CPU op's view of the levels: scales (L,) and (dense resolution or 0, rows used) (L, 2).
+        self.register_buffer("scales", torch.tensor([lv.scale for lv in self.levels], dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("layout", torch.tensor([[lv.resolution if lv.dense else 0, lv.size] for lv in self.levels],
+                                                    dtype=torch.long).view(n_levels, 2), persistent=False)
         if self._backend == "tcnn":
-            self.tcnn = self._make_tcnn(init_scale)
+            self.tcnn = self._make_tcnn(init_scale, device)
             return
         table_size = 2 ** log2_hashmap_size
         self.table = nn.Parameter((torch.rand(n_levels, table_size, n_features_per_level) * 2 - 1) * init_scale)
         if device is not None:
             self.to(device)
 
-    def _make_tcnn(self, init_scale: float) -> nn.Module:
-        """tiny-cuda-nn's hash grid with this module's hyperparameters, float32 parameters and output."""
+    def _make_tcnn(self, init_scale: float, device) -> nn.Module:
+        """tiny-cuda-nn's hash grid with this module's hyperparameters, float32 parameters and output,
+        built with `device` current (tcnn allocates on the current device)."""
         tcnn = _import_tinycudann()
         config = tcnn_encoding_config(self.n_levels, self.n_features_per_level, self.log2_hashmap_size,
                                       self.base_resolution, self.per_level_scale)
-        module = tcnn.Encoding(n_input_dims=3, encoding_config=config, dtype=torch.float32)
-        with torch.no_grad():  # drawn from torch's RNG (seeded runs stay reproducible), same range as the table
-            module.params.copy_((torch.rand(module.params.shape) * 2 - 1) * init_scale)
+        with _cuda_device(device or "cuda"):
+            module = tcnn.Encoding(n_input_dims=3, encoding_config=config, dtype=torch.float32)
+            expected = sum(lv.size for lv in self.levels) * self.n_features_per_level
+            if module.params.numel() != expected:
+                raise RuntimeError(
+                    f"tiny-cuda-nn's HashGrid has {module.params.numel()} parameters where grid.h's layout gives "
+                    f"{expected}: this tinycudann lays its levels out differently; use backend cpp or torch")
+            with torch.no_grad():  # drawn from torch's RNG (seeded runs stay reproducible), same range as the table
+                module.params.copy_((torch.rand(module.params.shape) * 2 - 1) * init_scale)
         return module
 
     @property
@@ -356,15 +446,14 @@ class HashGridEncoding(nn.Module):
                 return params.new_zeros(0, self.output_dim) + params[:1].sum() * 0.0, None
             return self.tcnn(x.clamp(0.0, 1.0).contiguous()).float(), None
         if self._backend != "torch" and hashgrid_cpp.supports(self.table, x) and self._cpu_backend() == "cpp":
-            feats, jacs = hashgrid_cpp.encode(self.table, x, self.resolutions, with_jacobian)
+            feats, jacs = hashgrid_cpp.encode(self.table, x, self.scales, self.layout, with_jacobian)
             return self._unplanar(feats, jacs, x.shape[0], with_jacobian)
-        # Clamped to [0, 1]; a point on a far face (x = 1) takes its value from the lower corner
-        # of the cell beyond, whose other corners get weight 0.
+        # Clamped to [0, 1] (tcnn's caller, `NeRFField`, clamps too).
         x3 = x.t().clamp(0.0, 1.0).contiguous()
         if x3.requires_grad and torch.is_grad_enabled():
-            feats, jacs = hash_grid_encode(self.table, x3, self._resolutions, with_jacobian)
+            feats, jacs = hash_grid_encode(self.table, x3, self.levels, with_jacobian)
         else:
-            feats, jacs = _HashGridInterp.apply(self.table, x3, self._resolutions, with_jacobian)
+            feats, jacs = _HashGridInterp.apply(self.table, x3, self.levels, with_jacobian)
         return self._unplanar(feats, jacs, x3.shape[1], with_jacobian)
 
     def _unplanar(self, feats: torch.Tensor, jacs: torch.Tensor, n: int, with_jacobian: bool):
@@ -386,21 +475,40 @@ class HashGridEncoding(nn.Module):
         """
         return self._encode(x, True)
 
+    @property
+    def parameter(self) -> nn.Parameter:
+        """The grid's one parameter: ``table`` (torch, cpp) or ``tcnn.params`` (tcnn)."""
+        return self.tcnn.params if self._backend == "tcnn" else self.table
+
+    def convert_parameter(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like either family's parameter (the grid itself, or per-entry optimizer
+        state such as Adam's moments) in this encoder's layout: an (L, T, F) table becomes tcnn's
+        flat vector for a tcnn encoder, a flat vector becomes a table for a torch/cpp one, and a
+        tensor already in this layout is returned as it is. Anything else raises ValueError."""
+        table_shape = (self.n_levels, 2 ** self.log2_hashmap_size, self.n_features_per_level)
+        flat_shape = (sum(lv.size for lv in self.levels) * self.n_features_per_level,)
+        mine, other = (flat_shape, table_shape) if self._backend == "tcnn" else (table_shape, flat_shape)
+        if tuple(tensor.shape) == mine:
+            return tensor
+        if tuple(tensor.shape) != other:
+            raise ValueError(f"hash grid tensor of shape {tuple(tensor.shape)} fits neither layout of this grid "
+                             f"(table {table_shape}, tcnn {flat_shape}): it was written for other hyperparameters")
+        if self._backend == "tcnn":
+            return table_to_tcnn_params(tensor, self.levels)
+        return tcnn_params_to_table(tensor, self.levels, table_shape[1], table_shape[2])
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """Refuse, in one line, a state_dict whose parameter layout is the other family's (tcnn vs torch/cpp)."""
-        mine = "tcnn" if self._backend == "tcnn" else "cpu"
-        written = {"tcnn": prefix + "tcnn.params" in state_dict, "cpu": prefix + "table" in state_dict}
-        if not written[mine] and any(written.values()):
-            writer = "tcnn" if written["tcnn"] else "torch/cpp"
-            raise RuntimeError(
-                f"hash grid state_dict ({prefix or '<root>'}) was written by the {_layout_name(writer)} backend, "
-                f"but this encoder uses the {_layout_name(self.backend)} backend: the parameter layouts differ; "
-                f"load it with backend {'tcnn (on CUDA)' if writer == 'tcnn' else 'torch or cpp'}")
+        """Convert a state_dict written by the other parameter layout (tcnn's flat vector vs the
+        (L, T, F) table) to this one: both hold the same function (see the module docstring)."""
+        keys = {"tcnn": prefix + "tcnn.params", "cpu": prefix + "table"}
+        mine, other = ("tcnn", "cpu") if self._backend == "tcnn" else ("cpu", "tcnn")
+        if keys[mine] not in state_dict and keys[other] in state_dict:
+            state_dict[keys[mine]] = self.convert_parameter(state_dict.pop(keys[other]))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
     def extra_repr(self) -> str:
         return (f"levels={self.n_levels}, features={self.n_features_per_level}, table=2^{self.log2_hashmap_size}, "
-                f"resolutions={[int(r) for r in self._resolutions]}, "
+                f"resolutions={[lv.resolution for lv in self.levels]}, dense_levels={sum(lv.dense for lv in self.levels)}, "
                 f"backend={self._backend if self._backend == 'auto' else self.backend}")

@@ -13,7 +13,8 @@ needs no torch in a build-isolated environment.
 
 `encode` is the op: features (L, F, N) and optionally Jacobians (L, F, 3, N), in the planar layout
 of `sds3d.nerf.encoding.hash_grid_encode`, differentiable w.r.t. the table (through both outputs),
-not w.r.t. the points.
+not w.r.t. the points. It computes the torch encoder's function (tiny-cuda-nn's HashGrid; see
+`sds3d.nerf.encoding`), with the same float32 operations in the same order.
 """
 
 from __future__ import annotations
@@ -226,12 +227,12 @@ def supports(table: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 class HashGridFunction(torch.autograd.Function):
-    """(table, x, resolutions, with_jacobian) -> feats (L, F, N), jacs (L, F, 3, N) or empty."""
+    """(table, x, scales, layout, with_jacobian) -> feats (L, F, N), jacs (L, F, 3, N) or empty."""
 
     @staticmethod
-    def forward(ctx, table, x, resolutions, with_jacobian):
-        feats, jacs = load().forward(x, table, resolutions, with_jacobian)
-        ctx.save_for_backward(x, resolutions)
+    def forward(ctx, table, x, scales, layout, with_jacobian):
+        feats, jacs = load().forward(x, table, scales, layout, with_jacobian)
+        ctx.save_for_backward(x, scales, layout)
         ctx.table_shape, ctx.with_jacobian = tuple(table.shape), with_jacobian
         ctx.set_materialize_grads(False)
         if not with_jacobian:
@@ -241,20 +242,21 @@ class HashGridFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_feats, grad_jacs):
-        x, resolutions = ctx.saved_tensors
+        x, scales, layout = ctx.saved_tensors
         if not ctx.with_jacobian:
             grad_jacs = None
         if grad_feats is None and grad_jacs is None:
-            return None, None, None, None
+            return None, None, None, None, None
         _, table_size, n_features = ctx.table_shape
-        grad = load().backward(x, resolutions, table_size, n_features, grad_feats, grad_jacs)
-        return grad, None, None, None
+        grad = load().backward(x, scales, layout, table_size, n_features, grad_feats, grad_jacs)
+        return grad, None, None, None, None
 
 
-def encode(table: torch.Tensor, x: torch.Tensor, resolutions: torch.Tensor, with_jacobian: bool):
+def encode(table: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, layout: torch.Tensor, with_jacobian: bool):
     """Features (L, F, N) and Jacobians (L, F, 3, N) (or an empty tensor) of points x (N, 3).
 
-    Points are clamped to [0, 1]; `resolutions` (L,) are the levels' (integer-valued) resolutions.
+    Points are clamped to [0, 1]; `scales` (L,) float32 are the levels' scales and `layout` (L, 2)
+    int64 their (dense resolution or 0, rows used), as `sds3d.nerf.encoding.grid_levels` gives them.
     """
-    return HashGridFunction.apply(table.contiguous(), x.detach().contiguous(),
-                                  resolutions.detach().to(torch.float32).contiguous(), with_jacobian)
+    return HashGridFunction.apply(table.contiguous(), x.detach().contiguous(), scales.detach().contiguous(),
+                                  layout.detach().contiguous(), with_jacobian)

@@ -96,9 +96,13 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
         keep = keep & occupancy.occupied(positions)
     index = keep.reshape(-1).nonzero().squeeze(1)
     flat_starts, flat_ends = t_starts.reshape(-1), t_ends.reshape(-1)
+    # On a GPU the compact layout is num_samples wide (a bound known on the host) instead of the
+    # widest ray's count, whose read-back would stall the device twice a render; on the CPU the
+    # exact width is the cheaper layout (and the read costs nothing).
+    width_bound = None if index.device.type == "cpu" else num_samples
     if early_stop_eps > 0 and index.numel() > 0:
         with torch.no_grad():
-            rays, slot, width = compact_samples(index, num_samples)
+            rays, slot, width = compact_samples(index, num_samples, width_bound)
             sigmas = _gather_compact(field.density(positions.reshape(-1, 3)[index]), slot, len(rays), width)
             starts = _gather_compact(flat_starts[index], slot, len(rays), width)
             ends = _gather_compact(flat_ends[index], slot, len(rays), width)
@@ -117,7 +121,7 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
     from nerfacc.volrend import accumulate_along_rays, render_weight_from_density  # slow import: lazy
 
     # Composite in the compact layout: only rays with a kept sample, only their kept samples.
-    rays, slot, width = compact_samples(index, num_samples)
+    rays, slot, width = compact_samples(index, num_samples, width_bound)
     m = len(rays)
 
     def compact(values):
@@ -148,14 +152,16 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
     return result
 
 
-def compact_samples(index: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def compact_samples(index: torch.Tensor, num_samples: int,
+                    width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The compact (rays with samples) x (their samples) layout of kept samples.
 
     `index` (N,) are kept samples of a dense (R, S) layout in row-major order. Returns `rays` (M,),
     the rays holding at least one, `slot` (N,), each sample's position in an (M, width) layout
-    where a ray's samples come first, in order, and `width`, the most samples any ray keeps. Padding
-    slots get zero-length intervals and zero density, so compositing there is exact, at a fraction
-    of the dense layout's cost when most samples are empty space (the usual case).
+    where a ray's samples come first, in order, and `width`, the most samples any ray keeps (or the
+    `width` given, an upper bound of it such as S, which saves reading the maximum back from the
+    device). Padding slots get zero-length intervals and zero density, so compositing there is
+    exact, at a fraction of the dense layout's cost when most samples are empty space (the usual case).
     """
     ray_of = torch.div(index, num_samples, rounding_mode="floor")
     rays, row, counts = torch.unique_consecutive(ray_of, return_inverse=True, return_counts=True)
@@ -163,7 +169,8 @@ def compact_samples(index: torch.Tensor, num_samples: int) -> tuple[torch.Tensor
         return rays, row, 1
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(index.numel(), device=index.device) - starts[row]
-    width = int(counts.max())
+    if width is None:
+        width = int(counts.max())
     return rays, row * width + rank, width
 
 
@@ -180,8 +187,8 @@ def render_rays_packed(field, origins: torch.Tensor, dirs: torch.Tensor, num_sam
     """`render_rays` on CUDA with nerfacc's packed samples (same arguments and outputs, no "weights").
 
     `occupancy.estimator` (nerfacc's OccGridEstimator) marches each ray through the occupied cells of
-    the box with step `occupancy.render_step_size(num_samples)` (stratified: a random offset per
-    ray); with early_stop_eps > 0 or alpha_thre > 0 a density pass without gradients drops samples
+    the box with step `occupancy.render_step_size(num_samples)`, the dense renderer's spacing for a
+    ray crossing the box face to face, at most a cell (stratified: a random offset per ray); with early_stop_eps > 0 or alpha_thre > 0 a density pass without gradients drops samples
     whose transmittance is below early_stop_eps (or whose alpha is below alpha_thre). The field
     then runs once on the packed samples, and weights and per-ray sums come from nerfacc's
     `render_weight_from_density` / `accumulate_along_rays` with `ray_indices`. Depth is sum(w t)

@@ -149,6 +149,10 @@ class TextTo3D:
     def _init_state(self):
         torch.manual_seed(self.config.seed)
         self.device = run_device(self.config)
+        if self.device.type == "cuda" and self.device.index is not None:
+            # tiny-cuda-nn allocates its grid (and nerfacc launches its kernels) on the *current* CUDA
+            # device, not on the one a tensor names: make --device cuda:N current before building anything.
+            torch.cuda.set_device(self.device)
         self.field = make_field(self.config, self.device)
         self.optimizer = make_optimizer(self.config, self.field)
         # nerfacc's OccGridEstimator for a field on CUDA (when its extension loads), else our OccupancyGrid
@@ -170,18 +174,46 @@ class TextTo3D:
         return {name: p.detach().clone() for name, p in self.lora.named_parameters() if p.requires_grad}
 
     def _save_checkpoint(self):
+        from ..nerf.encoding import GRID_CONVENTION
+
+        # hash_grid: the function the grid's parameters stand for (tcnn's HashGrid), checked on load.
         state = {"step": self.step, "field": self.field.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "occupancy": self.occupancy.state_dict(),
-                 "generator": self.generator.get_state(), "config": self.config.to_dict()}
+                 "generator": self.generator.get_state(), "config": self.config.to_dict(),
+                 "hash_grid": GRID_CONVENTION}
         if self.lora is not None:
             state["lora"], state["lora_optimizer"] = self._lora_state(), self.lora_optimizer.state_dict()
         atomic_save_torch(state, self.checkpoint_path)
 
     def _load_checkpoint(self):
-        state = torch.load(self.checkpoint_path, weights_only=False, map_location=self.device)
-        self.field.load_state_dict(state["field"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.occupancy.load_state_dict(state["occupancy"])
+        """Restore the run from `checkpoints/last.pt`, whichever machine wrote it.
+
+        The hash grid's parameters (and Adam's moments of them) are converted between tiny-cuda-nn's
+        flat layout and the (L, T, F) table, which hold the same function; an occupancy grid of the
+        other sampler (nerfacc's estimator vs ours) is rebuilt from the field, with one line saying so.
+        A checkpoint from before the grid followed tiny-cuda-nn's convention is refused (ValueError):
+        its table means another function.
+        """
+        from ..nerf.encoding import GRID_CONVENTION
+        from ..nerf.occupancy import load_occupancy_state
+
+        state = torch.load(self.checkpoint_path, weights_only=True, map_location=self.device)
+        if state.get("hash_grid") != GRID_CONVENTION:
+            raise ValueError(f"{self.checkpoint_path} was written by an earlier sds3d whose hash grid followed another "
+                             f"convention (nerfstudio's levels), so its field cannot be restored; start the run again "
+                             f"(generate --overwrite) instead of resuming or re-exporting it")
+        self.field.load_state_dict(state["field"])  # converts a tcnn grid to a table and back
+        optimizer_state = state["optimizer"]
+        encoding = self.field.encoding
+        for index in optimizer_state["param_groups"][0]["params"]:  # group 0: the grid (`make_optimizer`)
+            moments = optimizer_state["state"].get(index, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in moments:
+                    moments[key] = encoding.convert_parameter(moments[key])
+        self.optimizer.load_state_dict(optimizer_state)
+        note = load_occupancy_state(self.occupancy, state["occupancy"], self.field)
+        if note is not None:
+            print(f"sds3d: {note}", file=sys.stderr, flush=True)
         self.generator.set_state(state["generator"].cpu())  # CPU generator, whatever map_location did
         self.step = state["step"]
         if self.lora is not None and "lora" in state:
@@ -281,9 +313,12 @@ class TextTo3D:
         if cfg.loss == "nfsd":
             null_cond = self.teacher.encode_prompt([""] * len(cond.prompts))
             return nfsd_loss(self.teacher, images, cond, null_cond, guidance, t_min, t_max, self.generator).loss
+        # ProlificDreamer / threestudio: the teacher sees the view-dependent prompt, the LoRA the
+        # prompt without view suffix (its camera input says where it looks from).
+        lora_cond = self._encode([cfg.prompt] * len(cond.prompts))
         score = vsd_loss(self.teacher, self.lora, images, cond, cameras.c2w, guidance,
-                         cfg.lora_guidance_scale, t_min, t_max, self.generator)
-        lora_loss = lora_diffusion_loss(self.teacher, self.lora, None, cond, cameras.c2w, self.generator,
+                         cfg.lora_guidance_scale, t_min, t_max, self.generator, lora_cond=lora_cond)
+        lora_loss = lora_diffusion_loss(self.teacher, self.lora, None, lora_cond, cameras.c2w, self.generator,
                                         cfg.camera_drop_prob, encoded=score.encoded)
         return score.loss + lora_loss
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import lists_to_tuples, tuples_to_lists
+from ..io import tuples_to_lists
+from ..settings import dataclass_from_dict
 
 
 @dataclass
@@ -37,10 +38,10 @@ class NetConfig:
     head_dim: int = 32
 
     @classmethod
-    def from_dict(cls, data: dict) -> "NetConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        data = lists_to_tuples({k: v for k, v in data.items() if k in known})
-        return cls(**data)
+    def from_dict(cls, data: dict, prefix: str = "") -> "NetConfig":
+        """Strict (sds3d.settings.dataclass_from_dict): an unknown key or a value of the wrong type is
+        a ConfigError naming it (under `prefix`, e.g. "network."); lists become tuples."""
+        return dataclass_from_dict(cls, data, prefix)
 
     def to_dict(self) -> dict:
         return tuples_to_lists(asdict(self))

@@ -22,6 +22,11 @@ What it owns, so that no trainer writes it twice:
 A trainer gives the loop its model, optimizer and a loss function `loss_fn(step, generator) ->
 scalar tensor`; the loop does the rest. `LoopConfig` is the loop's own small config, so that this
 module imports nothing above it.
+
+Scale-out: given a Hugging Face `accelerate.Accelerator` (the way diffusers' training scripts run
+on many GPUs and nodes; gloo on CPU), the loop backpropagates through it (gradients all-reduced,
+so every replica takes the same update), draws each replica's batch from its own generator
+(`step_generator(seed, step, rank)`), and only the main process writes files.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -71,9 +77,10 @@ class LoopConfig:
 
 # --- pieces ----------------------------------------------------------------------------------
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of all random draws of one training step: a function of (seed, step) only."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + 12345) % (2 ** 63))
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The generator of all random draws of one training step: a function of (seed, step) only,
+    and of the replica's rank when several processes train together (rank 0 = a single process)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + 12345 + rank * 104_729) % (2 ** 63))
 
 
 def learning_rate(config: LoopConfig, step: int) -> float:
@@ -172,7 +179,7 @@ class TrainingLoop:
                  ema: nn.Module | None = None, log: Callable[[str], None] = print,
                  extra_modules: dict[str, nn.Module | torch.optim.Optimizer] | None = None,
                  extra_state: Callable[[], dict] | None = None, load_extra_state: Callable[[dict], None] | None = None,
-                 parameters: list[torch.nn.Parameter] | None = None, title: str = ""):
+                 parameters: list[torch.nn.Parameter] | None = None, title: str = "", accelerator=None):
         self.out_dir = Path(out_dir)
         self.model, self.optimizer, self.config, self.ema = model, optimizer, config, ema
         self.log = log
@@ -180,6 +187,9 @@ class TrainingLoop:
         self._extra_state, self._load_extra_state = extra_state, load_extra_state
         self.parameters = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
         self.title = title
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.is_main = accelerator is None or accelerator.is_main_process
         self.step = 0
         self.train_seconds = 0.0
         self.skipped_in_a_row = 0
@@ -202,7 +212,10 @@ class TrainingLoop:
         return state
 
     def save(self) -> Path:
-        atomic_save_torch(self.state(), self.checkpoint_path)
+        if self.is_main:
+            atomic_save_torch(self.state(), self.checkpoint_path)
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
         return self.checkpoint_path
 
     def load(self, path: str | Path | None = None) -> None:
@@ -245,13 +258,16 @@ class TrainingLoop:
     def train_step(self, loss_fn: Callable[[int, torch.Generator], torch.Tensor]) -> dict:
         """One optimizer step on loss_fn(step, step_generator(seed, step))."""
         cfg = self.config
-        gen = step_generator(cfg.seed, self.step)
+        gen = step_generator(cfg.seed, self.step, self.rank)
         lr = learning_rate(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = loss_fn(self.step, gen)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, cfg.grad_clip if cfg.grad_clip else float("inf"))
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             # A non-finite loss or gradient skips the update (deterministically, so resumption still
@@ -268,6 +284,13 @@ class TrainingLoop:
             ema_update(self.ema, self.model, ema_decay(cfg, self.step))
         self.step += 1
         return {"loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm)}
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every replica when it is true on any (one process: the flag itself), so that
+        decisions taken from clocks and signals never split the replicas."""
+        if self.accelerator is None or self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)]), reduction="sum").item() > 0)
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self, loss_fn: Callable[[int, torch.Generator], torch.Tensor], max_steps: int | None = None,
@@ -291,12 +314,12 @@ class TrainingLoop:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         loss_csv = self.out_dir / LOSS_CSV
         new_file = not loss_csv.exists()
-        log_file = open(loss_csv, "a", newline="")
+        log_file = open(loss_csv if self.is_main else os.devnull, "a", newline="")
         writer = csv.writer(log_file)
         if new_file:
             writer.writerow(["step", "loss", "lr", "grad_norm", "sec_per_step", "train_minutes"])
         bar = None
-        if (sys.stderr.isatty() if progress is None else progress) and max_steps is not None:
+        if (sys.stderr.isatty() if progress is None else progress) and max_steps is not None and self.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
@@ -306,9 +329,10 @@ class TrainingLoop:
             while max_steps is None or self.step < max_steps:
                 if stop["signal"] is not None:
                     reason = f"signal {stop['signal']}"
-                    break
-                if max_minutes is not None and time.time() - session_start >= max_minutes * 60:
+                elif max_minutes is not None and time.time() - session_start >= max_minutes * 60:
                     reason = "time budget"
+                if self._agree(reason != "max_steps"):  # every replica stops at the same step
+                    reason = reason if reason != "max_steps" else "another replica stopped"
                     break
                 t0 = time.time()
                 info = self.train_step(loss_fn)
@@ -324,17 +348,17 @@ class TrainingLoop:
                     writer.writerow([self.step, f"{mean:.5f}", f"{info['lr']:.3e}", f"{info['grad_norm']:.3f}",
                                      f"{sec:.3f}", f"{self.train_seconds / 60:.2f}"])
                     log_file.flush()
-                    if bar is None:
+                    if bar is None and self.is_main:
                         self.log(f"step {self.step} loss {mean:.4f} lr {info['lr']:.2e} {sec:.2f} s/step "
                                  f"({self.train_seconds / 60:.1f} min)")
                     window, window_start = [], time.time()
-                if evaluate is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                if evaluate is not None and cfg.eval_every and self.step % cfg.eval_every == 0 and self.is_main:
                     t0 = time.time()
                     evaluate()
                     self.train_seconds += time.time() - t0
                     write_loss_curve(loss_csv, self.out_dir / LOSS_CURVE, self.title)
-                if (self.step - last_ckpt_step >= cfg.checkpoint_every
-                        or time.time() - last_ckpt_time >= cfg.checkpoint_minutes * 60):
+                if self._agree(self.step - last_ckpt_step >= cfg.checkpoint_every
+                               or time.time() - last_ckpt_time >= cfg.checkpoint_minutes * 60):
                     self.save()
                     last_ckpt_time, last_ckpt_step = time.time(), self.step
         finally:
@@ -345,6 +369,7 @@ class TrainingLoop:
                 self.save()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        write_loss_curve(loss_csv, self.out_dir / LOSS_CURVE, self.title)
+        if self.is_main:
+            write_loss_curve(loss_csv, self.out_dir / LOSS_CURVE, self.title)
         self.log(f"stopped at step {self.step} ({reason}); checkpoint {self.checkpoint_path}")
         return {"step": self.step, "reason": reason, "train_minutes": self.train_seconds / 60}

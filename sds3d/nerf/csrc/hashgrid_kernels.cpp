@@ -38,13 +38,26 @@ struct Chunk {
   float fx[CHUNK], fy[CHUNK], fz[CHUNK];
 };
 
-// Offsets and corner indices of points x[0 .. m) (m <= CHUNK) at a level of resolution `res`.
-// Clamped to [0, 1] as torch.clamp (NaN stays NaN); cell = floor(x * res), which for x * res >= 0
-// is the truncation; a NaN coordinate gets cell 0 (a row inside the table) and a NaN offset, hence
-// NaN outputs, as in the torch encoder.
-SDS3D_INLINE void locate(const float* __restrict x, int64_t m, float res, uint32_t mask, Chunk& ck) {
+// One level's geometry (tiny-cuda-nn's grid.h): pos = x * scale + 0.5, cell = floor(pos); a dense
+// level (dense_res > 0) indexes corner (X, Y, Z) as (X + Y R + Z R^2) mod size, a hashed one as
+// (X * 1) ^ (Y * 2654435761) ^ (Z * 805459861) mod T (mask = T - 1, T a power of two).
+struct Level {
+  float scale;
+  uint32_t dense_res;  // R for a dense level, 0 for a hashed one
+  uint32_t size;       // rows the level uses: min(next_multiple(R^3, 8), T)
+  uint32_t mask;       // T - 1
+};
+
+// Offsets and corner indices of points x[0 .. m) (m <= CHUNK) at one level.
+// Clamped to [0, 1] as torch.clamp (NaN stays NaN); pos = v * scale + 0.5 >= 0.5, so the cell
+// floor(pos) is the truncation; a NaN coordinate gets cell 0 (a row inside the table) and a NaN
+// offset, hence NaN outputs, as in the torch encoder. The multiply and the add round separately
+// (-ffp-contract=off), as torch's ops do; tiny-cuda-nn fuses them (fmaf): at most one float32
+// rounding of pos apart.
+SDS3D_INLINE void locate(const float* __restrict x, int64_t m, const Level& lv, Chunk& ck) {
   uint32_t cell[3][CHUNK];
   float* __restrict frac[3] = {ck.fx, ck.fy, ck.fz};
+  const float scale = lv.scale;
   for (int a = 0; a < 3; ++a) {
     float* __restrict fa = frac[a];
     uint32_t* __restrict ca = cell[a];
@@ -52,12 +65,32 @@ SDS3D_INLINE void locate(const float* __restrict x, int64_t m, float res, uint32
       float v = x[3 * i + a];
       v = v < 0.f ? 0.f : v;
       v = v > 1.f ? 1.f : v;
-      const float s = v * res;
+      const float s = v * scale + 0.5f;
       const int32_t c = static_cast<int32_t>(s == s ? s : 0.f);
       fa[i] = s - static_cast<float>(c);
       ca[i] = static_cast<uint32_t>(c);
     }
   }
+  if (lv.dense_res > 0) {
+    // Corner coordinates are at most R (the +0.5 offset reaches one vertex beyond the grid, which
+    // wraps as in tiny-cuda-nn), so X + Y R + Z R^2 <= R + R^2 + R^3 < 2 size: one conditional
+    // subtraction is the modulo.
+    const uint32_t R = lv.dense_res, R2 = R * R, size = lv.size;
+    for (int64_t i = 0; i < m; ++i) {
+      const uint32_t hx0 = cell[0][i], hy0 = cell[1][i] * R, hz0 = cell[2][i] * R2;
+      const uint32_t hx[2] = {hx0, hx0 + 1u};
+      const uint32_t hy[2] = {hy0, hy0 + R};
+      const uint32_t hz[2] = {hz0, hz0 + R2};
+      for (int a = 0; a < 2; ++a)
+        for (int b = 0; b < 2; ++b)
+          for (int c = 0; c < 2; ++c) {
+            const uint32_t j = hx[a] + hy[b] + hz[c];
+            ck.idx[a * 4 + b * 2 + c][i] = j >= size ? j - size : j;
+          }
+    }
+    return;
+  }
+  const uint32_t mask = lv.mask;
   for (int64_t i = 0; i < m; ++i) {
     // The low bits of the uint32 products are those of the torch encoder's int64 ones.
     const uint32_t hx0 = cell[0][i], hy0 = cell[1][i] * PRIME_Y, hz0 = cell[2][i] * PRIME_Z;
@@ -73,14 +106,15 @@ SDS3D_INLINE void locate(const float* __restrict x, int64_t m, float res, uint32
 // Forward of one level for points [begin, end): feats (F, N) and, if JAC, jacs (F, 3, N) of the
 // level. FT > 0: F known at compile time; FT == 0: F = F_rt.
 template <int FT, bool JAC>
-SDS3D_INLINE void forward_level_impl(const float* __restrict x, const float* __restrict tab, float res,
-                                     uint32_t mask, int64_t F_rt, int64_t N, int64_t begin, int64_t end,
+SDS3D_INLINE void forward_level_impl(const float* __restrict x, const float* __restrict tab, const Level& lv,
+                                     int64_t F_rt, int64_t N, int64_t begin, int64_t end,
                                      float* __restrict feats, float* __restrict jacs) {
   const int64_t F = FT > 0 ? FT : F_rt;
+  const float res = lv.scale;  // d pos / d x
   Chunk ck;
   for (int64_t n0 = begin; n0 < end; n0 += CHUNK) {
     const int64_t m = std::min(CHUNK, end - n0);
-    locate(x + 3 * n0, m, res, mask, ck);
+    locate(x + 3 * n0, m, lv, ck);
     for (int64_t f = 0; f < F; ++f) {
       const float* __restrict tf = tab + f;
       float* __restrict out = feats + f * N + n0;
@@ -112,16 +146,17 @@ SDS3D_INLINE void forward_level_impl(const float* __restrict x, const float* __r
 // the same operations), from gfeat (F, N) and/or gjac (F, 3, N), added into the level's (T, F)
 // gradient slice, which the calling thread owns.
 template <int FT, bool GV, bool GJ>
-SDS3D_INLINE void backward_level_impl(const float* __restrict x, float res, uint32_t mask, int64_t F_rt,
+SDS3D_INLINE void backward_level_impl(const float* __restrict x, const Level& lv, int64_t F_rt,
                                       int64_t N, const float* __restrict gfeat, const float* __restrict gjac,
                                       float* __restrict grad) {
   const int64_t F = FT > 0 ? FT : F_rt;
+  const float res = lv.scale;  // d pos / d x
   constexpr int GF = FT > 0 ? FT : 1;  // features scattered together (one visit per row)
   Chunk ck;
   float g[GF][8][CHUNK];
   for (int64_t n0 = 0; n0 < N; n0 += CHUNK) {
     const int64_t m = std::min(CHUNK, N - n0);
-    locate(x + 3 * n0, m, res, mask, ck);
+    locate(x + 3 * n0, m, lv, ck);
     for (int64_t f0 = 0; f0 < F; f0 += GF) {
       for (int q = 0; q < GF; ++q) {
         const int64_t f = f0 + q;
@@ -181,27 +216,32 @@ SDS3D_INLINE void backward_level_impl(const float* __restrict x, float res, uint
 
 // Out-of-line entry points, one per variant, each cloned per instruction set.
 template <int FT, bool JAC>
-SDS3D_CLONES void forward_level(const float* x, const float* tab, float res, uint32_t mask, int64_t F_rt,
+SDS3D_CLONES void forward_level(const float* x, const float* tab, const Level& lv, int64_t F_rt,
                                 int64_t N, int64_t begin, int64_t end, float* feats, float* jacs) {
-  forward_level_impl<FT, JAC>(x, tab, res, mask, F_rt, N, begin, end, feats, jacs);
+  forward_level_impl<FT, JAC>(x, tab, lv, F_rt, N, begin, end, feats, jacs);
 }
 
 template <int FT, bool GV, bool GJ>
-SDS3D_CLONES void backward_level(const float* x, float res, uint32_t mask, int64_t F_rt, int64_t N,
+SDS3D_CLONES void backward_level(const float* x, const Level& lv, int64_t F_rt, int64_t N,
                                  const float* gfeat, const float* gjac, float* grad) {
-  backward_level_impl<FT, GV, GJ>(x, res, mask, F_rt, N, gfeat, gjac, grad);
+  backward_level_impl<FT, GV, GJ>(x, lv, F_rt, N, gfeat, gjac, grad);
+}
+
+Level level_of(int64_t l, int64_t T, const float* scales, const int64_t* layout) {
+  return Level{scales[l], static_cast<uint32_t>(layout[2 * l]), static_cast<uint32_t>(layout[2 * l + 1]),
+               static_cast<uint32_t>(T - 1)};
 }
 
 template <int FT>
-void forward_impl(const float* xp, int64_t N, const float* tp, int64_t L, int64_t T, int64_t F, const float* rp,
-                  float* fp, float* jp) {
-  const uint32_t mask = static_cast<uint32_t>(T - 1);
+void forward_impl(const float* xp, int64_t N, const float* tp, int64_t L, int64_t T, int64_t F, const float* sp,
+                  const int64_t* lp, float* fp, float* jp) {
   const int64_t n_blocks = (N + BLOCK - 1) / BLOCK;
   // Level by level (all threads on one level's table at a time: a working set of one level's
   // slice instead of the whole table), points split between the threads, the same block of
   // points to the same thread on every level (its points stay in its cache).
 #pragma omp parallel if (n_blocks > 1)
   for (int64_t l = 0; l < L; ++l) {
+    const Level lv = level_of(l, T, sp, lp);
     const float* tab = tp + l * T * F;
     float* fl = fp + l * F * N;
     float* jl = jp ? jp + l * F * 3 * N : nullptr;
@@ -209,56 +249,56 @@ void forward_impl(const float* xp, int64_t N, const float* tp, int64_t L, int64_
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t begin = blk * BLOCK, end = std::min(N, begin + BLOCK);
       if (jl)
-        forward_level<FT, true>(xp, tab, rp[l], mask, F, N, begin, end, fl, jl);
+        forward_level<FT, true>(xp, tab, lv, F, N, begin, end, fl, jl);
       else
-        forward_level<FT, false>(xp, tab, rp[l], mask, F, N, begin, end, fl, nullptr);
+        forward_level<FT, false>(xp, tab, lv, F, N, begin, end, fl, nullptr);
     }
   }
 }
 
 template <int FT>
-void backward_impl(const float* xp, int64_t N, int64_t L, int64_t T, int64_t F, const float* rp, const float* gf,
-                   const float* gj, float* gp) {
-  const uint32_t mask = static_cast<uint32_t>(T - 1);
+void backward_impl(const float* xp, int64_t N, int64_t L, int64_t T, int64_t F, const float* sp, const int64_t* lp,
+                   const float* gf, const float* gj, float* gp) {
   // Dynamic: fine levels (cache misses) cost more than coarse ones. The zeroing happens here too,
   // by the thread that then scatters into the slice.
 #pragma omp parallel for schedule(dynamic, 1) if (L > 1)
   for (int64_t l = 0; l < L; ++l) {
+    const Level lv = level_of(l, T, sp, lp);
     float* g = gp + l * T * F;
     std::memset(g, 0, sizeof(float) * T * F);
     const float* gfl = gf ? gf + l * F * N : nullptr;
     const float* gjl = gj ? gj + l * F * 3 * N : nullptr;
     if (gfl && gjl)
-      backward_level<FT, true, true>(xp, rp[l], mask, F, N, gfl, gjl, g);
+      backward_level<FT, true, true>(xp, lv, F, N, gfl, gjl, g);
     else if (gfl)
-      backward_level<FT, true, false>(xp, rp[l], mask, F, N, gfl, nullptr, g);
+      backward_level<FT, true, false>(xp, lv, F, N, gfl, nullptr, g);
     else if (gjl)
-      backward_level<FT, false, true>(xp, rp[l], mask, F, N, nullptr, gjl, g);
+      backward_level<FT, false, true>(xp, lv, F, N, nullptr, gjl, g);
   }
 }
 
 }  // namespace
 
-void forward(const float* x, int64_t N, const float* table, int64_t L, int64_t T, int64_t F, const float* res,
-             float* feats, float* jacs) {
+void forward(const float* x, int64_t N, const float* table, int64_t L, int64_t T, int64_t F, const float* scales,
+             const int64_t* layout, float* feats, float* jacs) {
   if (N <= 0 || L <= 0 || F <= 0) return;
   if (F == 2)
-    forward_impl<2>(x, N, table, L, T, F, res, feats, jacs);
+    forward_impl<2>(x, N, table, L, T, F, scales, layout, feats, jacs);
   else
-    forward_impl<0>(x, N, table, L, T, F, res, feats, jacs);
+    forward_impl<0>(x, N, table, L, T, F, scales, layout, feats, jacs);
 }
 
-void backward(const float* x, int64_t N, int64_t L, int64_t T, int64_t F, const float* res, const float* grad_feats,
-              const float* grad_jacs, float* grad_table) {
+void backward(const float* x, int64_t N, int64_t L, int64_t T, int64_t F, const float* scales, const int64_t* layout,
+              const float* grad_feats, const float* grad_jacs, float* grad_table) {
   if (L <= 0 || F <= 0) return;
   if (!grad_feats && !grad_jacs) {
     std::memset(grad_table, 0, sizeof(float) * L * T * F);
     return;
   }
   if (F == 2)
-    backward_impl<2>(x, N, L, T, F, res, grad_feats, grad_jacs, grad_table);
+    backward_impl<2>(x, N, L, T, F, scales, layout, grad_feats, grad_jacs, grad_table);
   else
-    backward_impl<0>(x, N, L, T, F, res, grad_feats, grad_jacs, grad_table);
+    backward_impl<0>(x, N, L, T, F, scales, layout, grad_feats, grad_jacs, grad_table);
 }
 
 int openmp_threads() {

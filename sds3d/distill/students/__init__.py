@@ -1,0 +1,21 @@
+"""Few-step image students of a frozen teacher, one file per method, all trained by the shared loop
+(sds3d/training/loop.py) through `common.StudentRun`.
+
+METHODS maps the names `sds3d distill --method` accepts to their classes: an explicit table, so a
+new method is one file and one line here (see docs/ARCHITECTURE.md, "Adding a student method").
+"""
+
+from __future__ import annotations
+
+from .common import StudentConfig, StudentFolderError, StudentModel, StudentRun, load_student
+from .consistency import ConsistencyDistillation
+from .kd import OneStepKD
+from .progressive import ProgressiveDistillation
+
+METHODS = {
+    "kd": OneStepKD,
+    "progressive": ProgressiveDistillation,
+    "consistency": ConsistencyDistillation,
+}
+
+__all__ = ["METHODS", "StudentConfig", "StudentFolderError", "StudentModel", "StudentRun", "load_student"]

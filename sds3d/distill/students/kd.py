@@ -1,0 +1,93 @@
+"""One-step knowledge distillation (Luhman & Luhman 2021, "Knowledge distillation in iterative
+generative models for improved sampling speed").
+
+The teacher's deterministic DDIM-50 sampler is a map from initial noise x_T to an image x_0. The
+student learns that map in one evaluation: x_0 ~ F_s(x_T) where F_s is one DDIM step of the
+student from t = T - 1 to a clean image (its x0 prediction at the noisiest timestep), trained by
+regression on (x_T, x_0) pairs that the teacher makes once, before training, and that are cached
+in the run folder (`kd_pairs.pt`, loaded with weights_only=True). The loss is the mean squared
+error in model space (their eq. 6 with the L2 distance).
+
+Options: pairs (number of cached pairs, default 512), teacher_steps (DDIM steps of the teacher,
+default 50).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ...diffusion.solvers import ddim_sample, ddim_step, initial_noise
+from ...io import atomic_save_torch
+from .common import StudentConfig, StudentModel, StudentSample
+
+DEFAULTS = {"pairs": 512, "teacher_steps": 50, "pair_batch": 64}
+
+
+class OneStepKD:
+    name = "kd"
+
+    @staticmethod
+    def supported_nfe(nfe: int) -> str | None:
+        return None if nfe == 1 else "one-step KD makes 1-NFE students only (use --nfe 1)"
+
+    def __init__(self, config: StudentConfig):
+        unknown = set(config.options) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown kd option(s) {', '.join(sorted(unknown))}: allowed are {', '.join(DEFAULTS)}")
+        self.options = {**DEFAULTS, **config.options}
+        for key, value in self.options.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"kd option {key}={value!r}: must be a positive integer")
+
+    # -- training ---------------------------------------------------------------------------------
+    def attach(self, run) -> None:
+        self.run = run
+        self.pairs = self._teacher_pairs(run)
+
+    def _teacher_pairs(self, run) -> dict:
+        """(x_T, x_0, prompt index) for `pairs` draws, made once with a fixed generator and cached."""
+        path = run.out_dir / "kd_pairs.pt"
+        n, steps = self.options["pairs"], self.options["teacher_steps"]
+        if path.exists():
+            cached = torch.load(path, weights_only=True)
+            if cached["x_T"].shape[0] == n and cached["teacher_steps"] == steps and cached["guidance"] == run.guidance:
+                return cached
+        from ...teachers.embedded import EMBEDDED_DDIM, EmbeddedTeacher
+
+        options = dict(EMBEDDED_DDIM) if isinstance(run.teacher, EmbeddedTeacher) else {}
+        gen = torch.Generator().manual_seed(run.config.seed + 777)
+        index = torch.randint(len(run.prompts), (n,), generator=gen)
+        x_T = initial_noise(run.teacher, n, gen)
+        outs, start = [], time.time()
+        for i in range(0, n, self.options["pair_batch"]):
+            chunk = slice(i, i + self.options["pair_batch"])
+            cond = run.teacher.encode_prompt([run.prompts[j] for j in index[chunk].tolist()])
+            outs.append(ddim_sample(run.teacher, cond, steps, run.guidance, x_T=x_T[chunk], **options).x)
+            run.log(f"kd: teacher pairs {min(n, i + self.options['pair_batch'])}/{n} ({time.time() - start:.0f} s)")
+        pairs = {"x_T": x_T, "x_0": torch.cat(outs), "index": index, "teacher_steps": steps, "guidance": run.guidance}
+        atomic_save_torch(pairs, path)
+        return pairs
+
+    def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
+        run = self.run
+        pick = torch.randint(self.pairs["x_T"].shape[0], (run.config.batch_size,), generator=generator)
+        cond = run.teacher.encode_prompt([run.prompts[j] for j in self.pairs["index"][pick].tolist()])
+        x0 = self.one_step(run.student, self.pairs["x_T"][pick], cond)
+        return (x0 - self.pairs["x_0"][pick]).pow(2).mean()
+
+    @staticmethod
+    def one_step(student: StudentModel, x_T: torch.Tensor, cond) -> torch.Tensor:
+        """F_s(x_T): one DDIM step of the student from t = T - 1 to abar = 1 (its x0 prediction there)."""
+        T = student.schedule.num_train_timesteps
+        t = torch.full((x_T.shape[0],), T - 1, dtype=torch.long)
+        return ddim_step(student.schedule, x_T, student.predict_eps(x_T, t, cond), T - 1, -1)
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def sample(self, student: StudentModel, cond, nfe: int, generator: torch.Generator | None,
+               x_T: torch.Tensor | None = None) -> StudentSample:
+        x = initial_noise(student.teacher, len(cond.prompts), generator, x_T)
+        with torch.no_grad():
+            x0 = self.one_step(student, x, cond)
+        return StudentSample(student.teacher.decode(x0), x0, 1)
