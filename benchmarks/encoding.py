@@ -9,8 +9,10 @@ upstream gradient, in the layout each encoder's consumer produces: feature-major
 `NeRFField` runs its MLP, row-major for nerfstudio's; the table's .grad is reset to None each run,
 as `zero_grad()` does), medians of `--repeats` runs after a warm-up. Ours also with the Jacobian
 (normals), which nerfstudio lacks.
-The table is shared (nerfstudio's (L*T, F) is our (L, T, F) flattened), and the script checks that
-the three give the same features before timing.
+The table is shared (nerfstudio's (L*T, F) is our (L, T, F) flattened). Our two encoders follow
+tiny-cuda-nn's grid.h (per-level scale b^l * base - 1, +0.5 offset, dense coarse levels) and the
+script prints how far their features are apart (float rounding); nerfstudio uses other per-level
+scales and no offset, so it computes a different function and its column compares speed only.
 
 nerfstudio is optional (`pip install --no-deps nerfstudio==1.1.5 jaxtyping rich viser==0.2.7`);
 its encoder only needs torch, so a missing viser dependency is stubbed out.

@@ -89,8 +89,8 @@ class GenerateConfig:
     vae_resolution: int | None = None  # None: the pipeline's native size
     oracle_views_per_bucket: int = 192
     # the oracle's camera conditioning (as MVDream's): width in degrees of its prior over the cameras of
-    # its renders around the render's camera; 0 conditions on the text's view suffix only. Measured on
-    # "a snowman" (front accent strength, 1 = the face fully painted): 0 -> 0.0, 10 -> 0.31-0.42, 5 -> 0.41-0.50
+    # its renders around the render's camera; 0 conditions on the text's view suffix only, and then a
+    # rotationally symmetric shape (a snowman) never forms its face: each step's target has it elsewhere
     oracle_camera_sigma: float = 5.0
     # outputs
     preview_every: int = 100
@@ -231,10 +231,9 @@ PRESETS: dict[str, dict] = {
 # Settings that depend on the teacher (and for diffusers teachers on the loss), applied before the
 # preset and explicit overrides. The dataclass defaults are the embedded network's. The oracle is an
 # exact model of its data and needs no guidance, and it composites random backgrounds behind its
-# renders (measured: snowman IoU 0.19 -> 0.76 with them). Stable Diffusion wants guidance 100 for
-# SDS (DreamFusion) and 7.5 for VSD and NFSD. The embedded network's guidance falls from 3 to 1
-# over the run (measured with the text-only predecessor of the shipped network): "a snowman" colour error 0.206 -> 0.063 (constant 3 paints it grey-blue), "a red
-# cube" IoU 0.868 -> 0.855 and 0.901 -> 0.885 (seeds 0, 1), colour unchanged.
+# renders (on white alone a white-on-white NeRF turns transparent). Stable Diffusion wants guidance
+# 100 for SDS (DreamFusion) and 7.5 for VSD and NFSD. The embedded network's guidance falls from 3
+# to 1 over the run: strong guidance settles the shape early, and kept to the end it greys colours.
 TEACHER_DEFAULTS: dict[str, dict] = {
     "embedded": {"guidance_scale_end": 1.0},
     "oracle": {"random_background_prob": 0.5, "guidance_scale": 1.0},

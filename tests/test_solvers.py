@@ -1,4 +1,4 @@
-"""Samplers (sds3d/distill/solvers.py) against diffusers' schedulers, a closed-form Gaussian and the
+"""Samplers (sds3d/diffusion/solvers.py) against diffusers' schedulers, a closed-form Gaussian and the
 embedded teacher's original DDIM; NFE accounting; the `sds3d teacher sample` command."""
 
 import hashlib

@@ -112,9 +112,12 @@ def make_schedule(name: str, num_train_timesteps: int = 1000) -> NoiseSchedule:
 
 
 def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str, gamma: float | None) -> torch.Tensor:
-    """Min-SNR-gamma weights (Hang et al., 2023) for the plain MSE of each parameterization."""
+    """Min-SNR-gamma weights (Hang et al., 2023, eq. 9-10) for the plain MSE of each parameterization:
+    min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x0."""
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"unknown prediction_type {prediction_type!r}: allowed are 'epsilon', 'sample', 'v_prediction'")
     if gamma is None:
-        return torch.ones(t.shape[0])
+        return torch.ones(t.shape[0], device=t.device)
     snr = schedule.abar(t) / (1 - schedule.abar(t))
     clipped = snr.clamp(max=gamma)
     if prediction_type == "epsilon":

@@ -186,11 +186,13 @@ def polynomial_timesteps(alphas_cumprod: torch.Tensor, steps: int, rho: float = 
     (sigma(t = 0) = 0.0064), so there t_min is timestep 0 (also on the linear and Stable Diffusion
     schedules, whose sigma(0) is larger); EDM's continuous models use 0.002 (Karras et al. 2022, Table 1).
 
-    Duplicates: where the grid is finer than the discrete schedule (the low-noise end of a
-    fine grid), several points snap to one timestep. They are not dropped (karras_timesteps does):
-    walking up from t_min each point is raised to at least one above the next, so the low end
-    becomes consecutive timesteps, then walking down from t_max each is lowered to at most one
-    below the previous. Both ends stay where they snapped; steps > t_max - t_min is an error.
+    Duplicates: where the grid is finer than the discrete schedule, several points snap to one
+    timestep: near t_min on a fine grid, and on the cosine schedule near t_max too (sigma grows by
+    ~10% per timestep there). They are not dropped (karras_timesteps does): walking up from t_min
+    each point is raised to at least one above the next, then walking down from t_max each is
+    lowered to at most one below the previous, so a crowded end becomes a run of consecutive
+    timesteps and the rest is EDM's grid snapped. Both ends stay where they snapped;
+    steps > t_max - t_min is an error.
     """
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -207,7 +209,8 @@ def polynomial_timesteps(alphas_cumprod: torch.Tensor, steps: int, rho: float = 
     t_max, t_min = ts[0], ts[-1]
     if steps > t_max - t_min:
         raise ValueError(f"steps must be at most {t_max - t_min} here: a grid needs steps + 1 distinct timesteps and "
-                         f"only timesteps {t_min}..{t_max} lie between sigma {lo.item():.4g} and {hi.item():.4g}, got {steps}")
+                         f"only timesteps {t_min}..{t_max} lie between sigma {lo.item():.4g} and {hi.item():.4g}, "
+                         f"got {steps}")
     for i in range(steps - 1, 0, -1):
         ts[i] = max(ts[i], ts[i + 1] + 1)
     for i in range(1, steps + 1):
@@ -333,7 +336,8 @@ def ddim_step(schedule, x: torch.Tensor, eps: torch.Tensor, t: int | torch.Tenso
       is abar = 1: the step returns the predicted x0, the clean image. t_next > t steps toward noise
       (DDIM inversion).
     eta, noise: the ancestral noise scale and the standard normal noise it scales (x's shape;
-      required when eta > 0). The samplers draw it; students wanting a deterministic map leave eta 0.
+      required when eta > 0; only toward lower noise, t_next < t). The samplers draw it; students
+      wanting a deterministic map leave eta 0.
     clip_x0: clamp x0 to [-1, 1] (DDIMScheduler's clip_sample; pixel teachers). clipped_eps then
       recomputes eps from the clamped x0 (use_clipped_model_output=True), so the deterministic step
       stays consistent with the x0 it aims at; that eps is rounded to x's dtype, the embedded
@@ -352,9 +356,13 @@ def ddim_step(schedule, x: torch.Tensor, eps: torch.Tensor, t: int | torch.Tenso
         raise ValueError("ddim_step with eta > 0 needs `noise` (standard normal, x's shape)")
     dtype = torch.promote_types(x.dtype, eps.dtype)
     a, a_next = _abar(schedule, t, x), _abar(schedule, t_next, x)
-    sigma = eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)).sqrt()
     sqrt_a, sqrt_1ma = a.sqrt().to(dtype), (1 - a).sqrt().to(dtype)
-    c_x0, c_eps = a_next.sqrt().to(dtype), (1 - a_next - sigma ** 2).clamp_min(0).sqrt().to(dtype)
+    if eta > 0:
+        sigma = eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)).sqrt()
+        c_eps = (1 - a_next - sigma ** 2).clamp_min(0).sqrt().to(dtype)
+    else:  # the same value as with sigma = 0, without the sqrt of a negative number when inverting (t_next > t)
+        c_eps = (1 - a_next).clamp_min(0).sqrt().to(dtype)
+    c_x0 = a_next.sqrt().to(dtype)
     xc, eps = x.to(dtype), eps.to(dtype)
     x0 = (xc - sqrt_1ma * eps) / sqrt_a
     if clip_x0:
@@ -449,7 +457,7 @@ def dpmpp_step(schedule, x: torch.Tensor, x0s: Sequence[torch.Tensor], timesteps
       network calls: order k uses the last k. Intervals may be uneven.
     t_next: any timestep below timesteps[-1], or -1 (sigma = 0, the clean end). There every order
       reduces to the first-order step, which returns x0s[-1] (diffusers' final_sigmas_type="zero"
-      does the same; the higher-order terms would divide by h = infinity).
+      does the same; with h = infinity the higher-order terms would divide by r = h_prev / h = 0).
     order: 1, 2 or 3, at most len(x0s); default len(x0s).
 
     Differentiable in x and x0s; computed in their promoted dtype and returned in it. It reads the
@@ -466,7 +474,8 @@ def dpmpp_step(schedule, x: torch.Tensor, x0s: Sequence[torch.Tensor], timesteps
                          f"got {order!r}")
     t_next = _check_timestep(t_next, T, "t_next", clean_ok=True)
     ts = ts[-order:]
-    if isinstance(t_next, torch.Tensor) or any(not 0 <= t < T for t in ts) or any(a <= b for a, b in zip(ts, ts[1:] + [t_next])):
+    if (isinstance(t_next, torch.Tensor) or any(not 0 <= t < T for t in ts)
+            or any(a <= b for a, b in zip(ts, ts[1:] + [t_next]))):
         raise ValueError(f"dpmpp_step needs strictly decreasing int timesteps in [0, {T - 1}] ending above t_next "
                          f"(-1: the clean end), got {ts} -> {t_next}")
     dtype = torch.promote_types(x.dtype, x0s[-1].dtype)
@@ -487,11 +496,13 @@ def dpmpp_integrate(eps_fn: EpsFn, schedule, x: torch.Tensor, timesteps: Sequenc
       noise: SFD's teacher covers one student interval [t_i, t_{i+1}] with M sub-steps of
       DPM-Solver++(3M) by calling this on a sub-grid of M + 1 points from t_i to t_{i+1}.
     Warm-up: step i has order min(order, i + 1), from the data predictions of the previous calls
-      of this grid (none carried in). With lower_order_final and fewer than 15 steps, the last
-      step is first order and the one before at most second, as DPMSolverMultistepScheduler does
-      (also when the grid ends above sigma = 0, its final_sigmas_type="sigma_min"); on a short
-      sub-grid that costs accuracy, so a student may pass False. A step into sigma = 0 is always
-      first order (see `dpmpp_step`).
+      of this grid (none carried in). The first step is thus first order, and its O(h^2) local
+      error caps the global convergence of orders 2 and 3 at second order (as in diffusers; the
+      Gaussian test in tests/test_solver_steps.py measures it). With lower_order_final and fewer
+      than 15 steps, the last step is first order and the one before at most second, as
+      DPMSolverMultistepScheduler does (also when the grid ends above sigma = 0, its
+      final_sigmas_type="sigma_min"); on a short sub-grid that costs accuracy, so a student may
+      pass False. A step into sigma = 0 is always first order (see `dpmpp_step`).
     eps_fn(x, t) -> eps at int t. The number of calls returned is len(timesteps) - 1; with a
       guided CountingDenoiser its `nfe` counts two network evaluations per call.
     callback(i, t, x): after step i (eps_fn called at timestep t), with the new state.

@@ -7,7 +7,7 @@ including the (color, primitive) pairs held out of teacher training, so it can j
 Weights ship as sds3d/assets/classifier.safetensors with classifier.json (config + accuracy).
 Training is in sds3d/training/classifier.py:
 
-    python -m sds3d.training.classifier train     # ~5 min on one CPU thread; rewrites the shipped weights
+    python -m sds3d.training.classifier train     # minutes on one CPU thread; rewrites the shipped weights
     python -m sds3d.training.classifier evaluate  # accuracy of the shipped weights on fresh renders
 """
 
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from ..geometry.views import VIEW_NAMES
 from ..world.scenes import CATEGORIES, COLORS
-from ..io import lists_to_tuples, tuples_to_lists
+from ..io import tuples_to_lists
+from ..settings import dataclass_from_dict
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 WEIGHTS_PATH = ASSET_DIR / "classifier.safetensors"
@@ -47,8 +48,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClassifierConfig":
-        known = set(cls.__dataclass_fields__)
-        return cls(**lists_to_tuples({k: v for k, v in data.items() if k in known}))
+        return dataclass_from_dict(cls, data)
 
 
 class WorldClassifier(nn.Module):

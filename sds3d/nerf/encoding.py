@@ -104,7 +104,8 @@ def tcnn_params_to_table(params: torch.Tensor, levels, table_size: int, n_featur
     table = params.new_zeros(len(levels), table_size, n_features)
     offset = 0
     for l, level in enumerate(levels):
-        table[l, :level.size] = params[offset * n_features:(offset + level.size) * n_features].view(level.size, n_features)
+        rows = params[offset * n_features:(offset + level.size) * n_features]
+        table[l, :level.size] = rows.view(level.size, n_features)
         offset += level.size
     return table
 
@@ -475,11 +476,6 @@ class HashGridEncoding(nn.Module):
         """
         return self._encode(x, True)
 
-    @property
-    def parameter(self) -> nn.Parameter:
-        """The grid's one parameter: ``table`` (torch, cpp) or ``tcnn.params`` (tcnn)."""
-        return self.tcnn.params if self._backend == "tcnn" else self.table
-
     def convert_parameter(self, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor shaped like either family's parameter (the grid itself, or per-entry optimizer
         state such as Adam's moments) in this encoder's layout: an (L, T, F) table becomes tcnn's
@@ -510,5 +506,6 @@ class HashGridEncoding(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"levels={self.n_levels}, features={self.n_features_per_level}, table=2^{self.log2_hashmap_size}, "
-                f"resolutions={[lv.resolution for lv in self.levels]}, dense_levels={sum(lv.dense for lv in self.levels)}, "
+                f"resolutions={[lv.resolution for lv in self.levels]}, "
+                f"dense_levels={sum(lv.dense for lv in self.levels)}, "
                 f"backend={self._backend if self._backend == 'auto' else self.backend}")

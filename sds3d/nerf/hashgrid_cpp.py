@@ -258,5 +258,6 @@ def encode(table: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, layout: t
     Points are clamped to [0, 1]; `scales` (L,) float32 are the levels' scales and `layout` (L, 2)
     int64 their (dense resolution or 0, rows used), as `sds3d.nerf.encoding.grid_levels` gives them.
     """
-    return HashGridFunction.apply(table.contiguous(), x.detach().contiguous(), scales.detach().contiguous(),
-                                  layout.detach().contiguous(), with_jacobian)
+    return HashGridFunction.apply(table.contiguous(), x.detach().contiguous(),
+                                  scales.detach().to(torch.float32).contiguous(), layout.detach().contiguous(),
+                                  with_jacobian)

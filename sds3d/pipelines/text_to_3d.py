@@ -95,7 +95,7 @@ def make_field(config: GenerateConfig, device: torch.device | str = "cpu") -> Ne
 def make_optimizer(config: GenerateConfig, nerf: NeRFField) -> torch.optim.Optimizer:
     """Adam with a high rate on the hash table and a low one on the MLP (threestudio's split).
 
-    Fused: one kernel over the 3M-entry table instead of a dozen passes (measured 19 -> 1.5 ms a step)."""
+    Fused (`fused=True`): one kernel over the multi-million-entry table instead of a dozen passes."""
     encoding = list(nerf.encoding.parameters())
     encoding_ids = {id(p) for p in encoding}
     network = [p for p in nerf.parameters() if id(p) not in encoding_ids]

@@ -42,7 +42,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-_FIX_HINT = "reinstall sds3d, or point --teacher-path at a folder written by `sds3d teacher export`"
+_FIX_HINT = "reinstall sds3d, or point --teacher at a folder written by `sds3d teacher export`"
 
 
 class EmbeddedTeacher:

@@ -1,6 +1,6 @@
 """Training the world classifier (sds3d/eval/classifier.py) on world renders.
 
-    python -m sds3d.training.classifier train     # ~5 min on one CPU thread; rewrites the shipped weights
+    python -m sds3d.training.classifier train     # minutes on one CPU thread; rewrites the shipped weights
     python -m sds3d.training.classifier evaluate  # accuracy of the shipped weights on fresh renders
 
 A short supervised run (one-cycle AdamW over epochs of augmented renders); it does not use the

@@ -5,9 +5,9 @@ model of world renders, trained by the shared loop (`sds3d.training.loop`).
     sds3d teacher export --run runs/teacher --dest DIR           # a teacher folder + model card
     sds3d teacher eval --teacher DIR --out DIR                   # DDIM-50 over prompts/world.txt -> eval.json
 
-What makes it cheap on a CPU (benchmarks/teacher_train_speed.py, benchmarks/teacher_short_runs.py):
-a lean full-resolution UNet (32/64/128 channels, 3.3M parameters; a 2x2 patchify stem was as
-fast per step but learned slower), bf16 autocast (oneDNN/AMX: about 2x over fp32 here),
+What makes it cheap on a CPU (compare with benchmarks/teacher_train_speed.py and
+benchmarks/teacher_short_runs.py): a lean full-resolution UNet (32/64/128 channels; a 2x2 patchify
+stem learned slower per step), bf16 autocast where the CPU runs bf16 natively (AMX, AVX512_BF16),
 v-prediction on a cosine schedule (zero terminal SNR: the model learns the white background at
 t = T instead of drifting, which eps-prediction on the linear schedule did), min-SNR-gamma loss
 weights, stratified timesteps, linear warm-up then cosine decay, EMA weights for sampling.

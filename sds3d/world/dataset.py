@@ -35,7 +35,8 @@ from ..geometry.views import VIEW_NAMES, view_name
 from ..geometry.cameras import spherical_cameras
 from .captions import bare_caption, captions, nouns, paraphrases, with_view
 from .scenes import CATEGORIES, COLORS, DEFAULT_COLORS, Scene, all_scenes, held_out_combinations
-from ..io import lists_to_tuples, tuples_to_lists
+from ..io import tuples_to_lists
+from ..settings import dataclass_from_dict
 
 DATASET_VERSION = 1  # bump when world rendering or this file's sampling changes
 COLOR_NAMES = tuple(COLORS)
@@ -69,8 +70,7 @@ class RenderSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RenderSpec":
-        known = set(cls.__dataclass_fields__)
-        return cls(**lists_to_tuples({k: v for k, v in data.items() if k in known}))
+        return dataclass_from_dict(cls, data)
 
 
 def is_held_out(category: str, color: str) -> bool:

@@ -11,11 +11,15 @@ from .common import StudentConfig, StudentFolderError, StudentModel, StudentRun,
 from .consistency import ConsistencyDistillation
 from .kd import OneStepKD
 from .progressive import ProgressiveDistillation
+from .sfd import SFD, SFDSecondStage, SFDv
 
 METHODS = {
     "kd": OneStepKD,
     "progressive": ProgressiveDistillation,
     "consistency": ConsistencyDistillation,
+    "sfd": SFD,
+    "sfd-v": SFDv,
+    "sfd-2": SFDSecondStage,
 }
 
 __all__ = ["METHODS", "StudentConfig", "StudentFolderError", "StudentModel", "StudentRun", "load_student"]

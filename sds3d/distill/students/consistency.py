@@ -216,11 +216,12 @@ class ConsistencyDistillation:
         grid = self.grid(student.schedule)
         if not isinstance(nfe, int) or not 1 <= nfe <= len(grid) - 1:
             raise ValueError(f"this consistency student (n_grid {len(grid)}) samples with 1 to {len(grid) - 1} NFE, not {nfe}")
-        x = initial_noise(student.teacher, len(cond.prompts), generator, x_T)
+        # float64 states: at T - 1 (alpha ~ 5e-5) a float32 eps -> x0 conversion would lose 3 digits.
+        x = initial_noise(student.teacher, len(cond.prompts), generator, x_T).double()
         with torch.no_grad():
             for k, tau in enumerate(sampling_points(grid, nfe)):
                 if k > 0:
-                    z = initial_noise(student.teacher, x.shape[0], generator)
+                    z = initial_noise(student.teacher, x.shape[0], generator).double()
                     alpha, sigma = alpha_sigma(student.schedule, tau, x)
                     x = alpha * x + sigma * z
                 x = consistency_function(student, x, tau, cond, grid[-1], self.sigma_data)

@@ -124,7 +124,7 @@ def teacher_timesteps(schedule: NoiseSchedule, grid: list[int], sub_steps: int, 
     """The teacher's finer grid and where the student's points lie in it.
 
     Into every student interval [t_i, t_{i+1}] go `sub_steps` points spaced evenly in sigma^(1/rho)
-    (the official code's (M + 1)(K) + 1-point polynomial grid, whose every (M + 1)-th point is a
+    (the official code's (M + 1) K + 1-point polynomial grid, whose every (M + 1)-th point is a
     student point), each snapped to the nearest discrete timestep in log sigma; points that snap onto
     a neighbour are dropped. sigma(t_0 = T - 1) is capped at `sigma_max` for the spacing, as the
     student's own grid was made. Returns (fine grid, indices of grid's points in it)."""
@@ -268,8 +268,10 @@ class SFDv(SFD):
 
     The student network is method-made: `student_network(teacher)`. StudentRun and load_student
     build `StudentModel(teacher)` with a plain copy of the teacher's network, so `attach` replaces
-    the run's student (and its EMA copy) by the step-conditioned one, and `load_sfd_student` loads
-    such a folder; `load_student` needs the hook described in the module's report to load it."""
+    the run's student (and its EMA copy) by the step-conditioned one before the optimizer and the
+    loop are made, and `load_sfd_student` loads such a folder. `load_student` (`sds3d sample`, the
+    benchmark) cannot until it builds `StudentModel(teacher, method.student_network(teacher))` for
+    a method that has one."""
 
     name = "sfd-v"
     defaults = {**SFD_DEFAULTS, "nfe_choices": [1, 2, 3, 4]}
