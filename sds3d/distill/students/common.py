@@ -12,6 +12,8 @@ them (Meng et al. 2023, "On distillation of guided diffusion models", the fixed-
 A method (sfd.py, progressive.py, consistency.py, kd.py) is a class with
     name: str;  supported_nfe(nfe) -> str | None  (a staticmethod: None if fine, else why not);
     __init__(config: StudentConfig)  (reads and checks config.options; cheap: sampling needs only this);
+    student_network(teacher) -> nn.Module  (optional: a network of its own, e.g. SFD-v's step condition;
+        default a trainable copy of teacher.network);
     attach(run: StudentRun)  (training-time state: caches, target networks; `extra_modules` to checkpoint);
     loss(step, generator) -> scalar tensor;
     sample(student, cond, nfe, generator, x_T=None) -> StudentSample.
@@ -172,7 +174,9 @@ def ddim_student_sample(student: StudentModel, cond: Cond, timesteps: list[int],
     """Deterministic DDIM along `timesteps` with the student's eps; the last point is the output
     (x at t_min, sigma ~ 0.006: no further step). With `analytic_first_step` the first interval
     uses eps = x_T (SFD's AFS: at abar ~ 0, x_T is the noise itself), costing no evaluation."""
-    x = initial_noise(student.teacher, len(cond.prompts), generator, x_T)
+    # float64 between steps: at t = T - 1 (abar ~ 1e-9 on the cosine schedule) x0 = (x - sqrt(1 - abar) eps) / sqrt(abar)
+    # loses ~1e-3 in float32; the network itself still runs in its own dtype.
+    x = initial_noise(student.teacher, len(cond.prompts), generator, x_T).double()
     nfe = 0
     with torch.no_grad():
         for i, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
@@ -182,6 +186,7 @@ def ddim_student_sample(student: StudentModel, cond: Cond, timesteps: list[int],
                 eps = student.predict_eps(x, torch.full((x.shape[0],), t, dtype=torch.long), cond)
                 nfe += 1
             x = ddim_step(student.schedule, x, eps, t, t_next)
+    x = x.float()
     return StudentSample(student.teacher.decode(x), x, nfe)
 
 
@@ -244,7 +249,7 @@ class StudentRun:
         self.prompts = prompts if prompts is not None else training_prompts(config.prompts)
         self.method = make_method(method_cls, config)
         torch.manual_seed(config.seed)
-        self.student = StudentModel(self.teacher)
+        self.student = StudentModel(self.teacher, method_network(self.method, self.teacher))
         self.ema = copy.deepcopy(self.student.network).requires_grad_(False).eval() if config.ema_decay else None
         self.method.attach(self)
         params = [p for p in self.student.network.parameters() if p.requires_grad]
@@ -353,6 +358,13 @@ def make_accelerator():
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
+def method_network(method, teacher) -> torch.nn.Module | None:
+    """The student network a method builds itself (optional `student_network(teacher)`, e.g. SFD-v's
+    step-conditioned copy), or None: a plain copy of the teacher's network."""
+    make = getattr(method, "student_network", None)
+    return make(teacher) if make is not None else None
+
+
 def make_method(method_cls, config: StudentConfig):
     """The method object for a config, after checking that it can make a student of config.nfe."""
     why = method_cls.supported_nfe(config.nfe)
@@ -394,7 +406,7 @@ def load_student(folder: str | Path, methods: dict, teacher=None, use_ema: bool 
         raise StudentFolderError(f"{folder} was distilled from another teacher than {config.teacher!r} "
                                  "(its network weights differ): sample it with the teacher it was made from")
     method = make_method(methods[config.method], config)
-    student = StudentModel(teacher)
+    student = StudentModel(teacher, method_network(method, teacher))
     try:
         state = torch.load(folder / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
         weights = state["ema"] if use_ema and "ema" in state else state["model"]

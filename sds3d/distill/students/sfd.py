@@ -56,8 +56,8 @@ from torch import nn
 from ...diffusion.protocol import Cond
 from ...diffusion.schedule import NoiseSchedule
 from ...diffusion.solvers import ddim_step, dpmpp_integrate
-from .common import (StudentConfig, StudentFolderError, StudentModel, StudentSample, ddim_student_sample, make_method,
-                     network_sha256, read_student_folder, student_timesteps)
+from .common import (StudentConfig, StudentFolderError, StudentModel, StudentSample, ddim_student_sample, load_student,
+                     read_student_folder, student_timesteps)
 
 MAX_NFE = 8
 SIGMA_MAX = 80.0  # EDM's sigma_max: where `student_timesteps` starts its polynomial (t_0 itself is T - 1)
@@ -297,11 +297,7 @@ class SFDv(SFD):
         return StepConditioned(copy.deepcopy(teacher.network), text_dim(teacher))
 
     def attach(self, run) -> None:
-        self.run = run
-        if not isinstance(run.student.network, StepConditioned):
-            run.student = StudentModel(run.teacher, self.student_network(run.teacher))
-            if run.ema is not None:
-                run.ema = copy.deepcopy(run.student.network).requires_grad_(False).eval()
+        self.run = run  # StudentRun built the student from `student_network`
 
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
         run, o = self.run, self.options
@@ -328,27 +324,11 @@ FIRST_STAGE = {"sfd": SFD, "sfd-v": SFDv}
 
 
 def load_sfd_student(folder: str | Path, teacher) -> tuple[StudentModel, SFD, dict]:
-    """(student, method, student.json) of a trained sfd or sfd-v folder made from `teacher`, frozen.
-
-    As common.load_student, but the network is the method's own (`student_network`) when it has one."""
-    folder = Path(folder)
-    meta = read_student_folder(folder)
-    config = StudentConfig.from_dict(meta["config"])
-    if config.method not in FIRST_STAGE:
-        raise StudentFolderError(f"{folder} holds a {config.method!r} student: sfd-2 distills an sfd or sfd-v student")
-    if network_sha256(teacher.network) != meta["teacher"]["network_sha256"]:
-        raise StudentFolderError(f"{folder} was distilled from another teacher than this run's ({config.teacher!r} "
-                                 "there): use the teacher it was made from")
-    method = make_method(FIRST_STAGE[config.method], config)
-    make_network = getattr(method, "student_network", None)
-    student = StudentModel(teacher, make_network(teacher) if make_network else None)
-    try:
-        state = torch.load(folder / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
-        student.network.load_state_dict(state["ema"] if "ema" in state else state["model"])
-    except Exception as error:
-        raise StudentFolderError(f"{folder}/checkpoints/last.pt is unreadable ({type(error).__name__})") from None
-    student.network.eval().requires_grad_(False)
-    return student, method, meta
+    """(student, method, student.json) of a trained sfd or sfd-v folder made from `teacher`, frozen."""
+    method = read_student_folder(folder)["config"]["method"]
+    if method not in FIRST_STAGE:
+        raise StudentFolderError(f"{folder} holds a {method!r} student: sfd-2 distills an sfd or sfd-v student")
+    return load_student(folder, FIRST_STAGE, teacher=teacher)
 
 
 def fold_step_condition(network: StepConditioned, nfe: int) -> nn.Module:
