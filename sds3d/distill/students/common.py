@@ -175,7 +175,7 @@ def ddim_student_sample(student: StudentModel, cond: Cond, timesteps: list[int],
     (x at t_min, sigma ~ 0.006: no further step). With `analytic_first_step` the first interval
     uses eps = x_T (SFD's AFS: at abar ~ 0, x_T is the noise itself), costing no evaluation."""
     # float64 between steps: at t = T - 1 (abar ~ 1e-9 on the cosine schedule) x0 = (x - sqrt(1 - abar) eps) / sqrt(abar)
-    # loses ~1e-3 in float32; the network itself still runs in its own dtype.
+    # loses ~1e-3 in float32. The network sees float32, as in the solvers.
     x = initial_noise(student.teacher, len(cond.prompts), generator, x_T).double()
     nfe = 0
     with torch.no_grad():
@@ -183,7 +183,7 @@ def ddim_student_sample(student: StudentModel, cond: Cond, timesteps: list[int],
             if analytic_first_step and i == 0:
                 eps = x
             else:
-                eps = student.predict_eps(x, torch.full((x.shape[0],), t, dtype=torch.long), cond)
+                eps = student.predict_eps(x.float(), torch.full((x.shape[0],), t, dtype=torch.long), cond).double()
                 nfe += 1
             x = ddim_step(student.schedule, x, eps, t, t_next)
     x = x.float()
