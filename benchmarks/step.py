@@ -42,7 +42,7 @@ def main():
         optimizer = make_optimizer(cfg, field)
         occupancy = OccupancyGrid(resolution=cfg.occupancy_resolution, update_every=cfg.occupancy_update_every)
         if args.checkpoint:
-            state = torch.load(args.checkpoint, weights_only=False)
+            state = torch.load(args.checkpoint, weights_only=True)
             field.load_state_dict(state["field"])
             occupancy.load_state_dict(state["occupancy"])
         else:

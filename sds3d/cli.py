@@ -402,7 +402,9 @@ def cmd_distill(args) -> int:
     if accelerator is not None:
         accelerator.wait_for_everyone()
     try:
-        run = StudentRun(out, config, method_cls, log=print if main else (lambda *a: None), accelerator=accelerator)
+        # flush: progress reaches a file or a pipe as it happens
+        log = (lambda text: print(text, flush=True)) if main else (lambda *a: None)
+        run = StudentRun(out, config, method_cls, log=log, accelerator=accelerator)
     except BaseException:
         if main and fresh and out.exists() and not any(out.iterdir()):
             out.rmdir()  # a failed start leaves nothing behind
@@ -440,7 +442,7 @@ def cmd_sample(args) -> int:
     result = method.sample(student, cond, nfe, torch.Generator().manual_seed(args.seed))
     seconds = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(out, result.images)
+    save_image(out, result.images, ncols=min(args.n, 8))
     print(f"wrote {out}: {args.n} image(s), NFE {result.nfe}, {seconds:.2f} s")
     return 0
 

@@ -256,3 +256,17 @@ def test_config_accepts_a_path_or_hub_id_but_not_an_empty_teacher():
     assert make_config("cpu-fast", prompt="a", teacher="stabilityai/stable-diffusion-2-1-base").teacher.startswith("stab")
     with pytest.raises(ConfigError, match="teacher"):
         make_config("cpu-fast", prompt="a", teacher="  ")
+
+
+def test_generate_runs_a_diffusers_teacher_at_its_native_size(sd_folders):
+    """A run's config leaves vae_resolution at null, so the teacher is the pipeline's own size (the
+    tiny pipeline's UNet sample_size times the VAE factor), not Stable Diffusion's 512."""
+    from sds3d.config import make_config
+    from sds3d.pipelines.text_to_3d import make_teacher
+
+    config = make_config("smoke", prompt="a red cube", teacher=str(sd_folders["epsilon"]))
+    assert config.vae_resolution is None
+    teacher = make_teacher(config)
+    unet_size = teacher.network.config.sample_size
+    assert teacher.resolution == unet_size and teacher.vae_resolution == unet_size * teacher.vae_scale_factor
+    assert teacher.vae_resolution < 512

@@ -1,7 +1,6 @@
 """The embedded teacher: tiny training runs (loss goes down, resumption is exact), saving and
 loading (shape/range of samples, clear errors on damaged files), the world dataset and captions."""
 
-import hashlib
 import json
 
 import pytest
@@ -17,23 +16,9 @@ from sds3d.training.teacher import TeacherTrainer, TrainConfig
 from sds3d.training.loop import learning_rate
 from sds3d.diffusion.schedule import min_snr_weights
 from sds3d.world.scenes import Scene, held_out_combinations
+from tiny_teachers import TINY_NET, HashText
 
 
-class HashText:
-    """A stand-in for MiniLM: a fixed random unit vector per text (fast, deterministic)."""
-
-    dim = 384
-
-    def embed(self, texts):
-        rows = []
-        for text in texts:
-            g = torch.Generator().manual_seed(int(hashlib.sha1(text.encode()).hexdigest()[:8], 16))
-            v = torch.randn(384, generator=g)
-            rows.append(v / v.norm())
-        return torch.stack(rows) if rows else torch.zeros(0, 384)
-
-
-TINY_NET = NetConfig(resolution=16, channels=(16, 32), attention_levels=(1,), emb_dim=32, head_dim=16)
 
 
 def tiny_config(**kw):

@@ -323,19 +323,11 @@ def legacy_ddim_sample(teacher, cond, steps=50, guidance=3.0, generator=None, et
     return teacher.decode(x)
 
 
-class HashText:
-    dim = 384
-
-    def embed(self, texts):
-        rows = [torch.randn(384, generator=torch.Generator().manual_seed(int(hashlib.sha1(t.encode()).hexdigest()[:8], 16)))
-                for t in texts]
-        return torch.stack([r / r.norm() for r in rows])
-
-
 def test_embedded_teacher_ddim_is_reproduced_exactly():
     from sds3d.teachers.embedded import EmbeddedTeacher
     from sds3d.teachers.unet import LeanUNet, NetConfig
     from sds3d.diffusion.schedule import make_schedule
+    from tiny_teachers import HashText
 
     torch.manual_seed(0)
     net = LeanUNet(NetConfig(resolution=16, channels=(16, 32), attention_levels=(1,), emb_dim=32, head_dim=16))

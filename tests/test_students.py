@@ -172,3 +172,29 @@ def test_two_accelerate_processes_train_one_student_with_identical_replicas(tmp_
     initial = tiny_teacher().network.state_dict()
     assert any(not torch.equal(a[k], initial[k].to(a[k].dtype)) for k in a)
     assert (out / "checkpoints" / "last.pt").exists() and (out / "student.json").exists()
+
+
+@pytest.mark.parametrize("method", ["sfd", "progressive", "consistency", "kd"])
+def test_every_method_distils_a_latent_diffusers_teacher_with_the_same_code(tmp_path, method):
+    """A Stable Diffusion pipeline (latent space, eps-prediction, CLIP token states) is a teacher
+    like any other: each method trains a few steps on it and samples latents of its shape that the
+    VAE decodes to images, through the same StudentRun, with no special case."""
+    from sds3d.teachers import load_teacher
+    from tiny_sd import build_tiny_sd_pipeline
+
+    torch.set_num_threads(1)
+    teacher = load_teacher(str(build_tiny_sd_pipeline(tmp_path / "sd", "epsilon", seed=0)))
+    nfe = {"sfd": 1, "progressive": 2, "consistency": 1, "kd": 1}[method]
+    options = {"sfd": {}, "progressive": {"start_steps": 4, "samples": 4, "sample_steps": 4},
+               "consistency": {"n_grid": 6, "samples": 4, "sample_steps": 4}, "kd": {"pairs": 4, "teacher_steps": 4}}[method]
+    config = StudentConfig(method=method, teacher="tiny-sd", nfe=nfe, steps=4, batch_size=2, lr=1e-4, warmup_steps=1,
+                           log_every=2, checkpoint_every=1000, sample_every=0, guidance=2.0, options=options)
+    run = StudentRun(tmp_path / method, config, METHODS[method], teacher=teacher, log=quiet, prompts=PROMPTS)
+    before = {k: v.clone() for k, v in run.student.network.state_dict().items()}
+    result = run.train()
+    assert result["step"] == 4
+    assert any(not torch.equal(before[k], v) for k, v in run.student.network.state_dict().items())
+    out = run.method.sample(run.student, teacher.encode_prompt(PROMPTS[:2]), nfe, torch.Generator().manual_seed(0))
+    assert out.x.shape == (2, teacher.channels, teacher.resolution, teacher.resolution) and teacher.channels == 4
+    assert out.images.shape == (2, 3, teacher.vae_resolution, teacher.vae_resolution)
+    assert torch.isfinite(out.images).all() and out.nfe == nfe

@@ -30,10 +30,9 @@ shared loop's contract is one loss per step, which keeps resumption exact; the l
 follows the loop's warm-up and cosine decay instead of a drop by 10 at half-time; the second
 stage has no LPIPS term (the official code adds one for pixel EDM models only); the teacher's
 x0 predictions are not dynamically thresholded (the official DPM-Solver++ does it with p = 0.995):
-on the embedded teacher at guidance 3 the unthresholded 12-step trajectory lands within 0.03 (mean
-absolute, pixels in [-1, 1]) of its reference DDIM-50 with clipping, the thresholded one 0.19 away
-with visible speckle, and for latent teachers the official rule (x0 / s with s >= 1) would rescale
-the latents.
+on the embedded teacher at guidance 3 thresholding moves the 12-step trajectory away from the
+teacher's clipped DDIM-50 samples and speckles them, and for latent teachers the official rule
+(x0 / s with s >= 1) would rescale the latents.
 
 Methods (`sds3d distill --method ...`):
   sfd    one student per NFE (1 .. 8).
