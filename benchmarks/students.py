@@ -10,7 +10,8 @@ evaluation scale); at NFE 1 it takes one unguided step, the only way to spend on
 Heun's NFE is 2 (2 steps - 1) per guided step count, so it appears at the NFE it can reach.
 Students distil guidance and are called unguided: NFE = their steps.
 
-Columns: NFE, parameters, training CPU-minutes (the student's own run; 0 for training-free
+Columns: NFE, parameters, training minutes on this machine's cores (the student's own run,
+including the teacher caches it made before training, e.g. KD's pairs; 0 for training-free
 solvers), FD_world against real renders of the same prompts' scenes (world classifier features;
 the real-vs-real floor is printed beside the table), prompt accuracy (category and colour, by the
 world classifier) on seen prompts and on the held-out (colour, primitive) pairs, and samples per
@@ -110,8 +111,10 @@ def run_rows(teacher, prompts: list[str], noise: torch.Tensor, students: list[Pa
                 return method.sample(student, cond, nfe, None, x_T=x_T).images
 
             images, sps = timed(run)
+            # teacher caches and first stages (SFD's second stage) count too
+            minutes = meta["train_minutes"] + meta.get("setup_minutes", 0.0) + meta.get("prior_minutes", 0.0)
             rows.append({"name": f"{meta['config']['method']} student ({folder.name})", "kind": "student", "nfe": nfe,
-                         "parameters": meta["parameters"], "train_minutes": meta["train_minutes"], "images": images,
+                         "parameters": meta["parameters"], "train_minutes": minutes, "images": images,
                          "samples_per_second": sps, "folder": str(folder)})
             log(f"{rows[-1]['name']}: NFE {nfe}, {sps:.1f} samples/s")
     return rows
@@ -119,7 +122,7 @@ def run_rows(teacher, prompts: list[str], noise: torch.Tensor, students: list[Pa
 
 def markdown(rows: list[dict], floor: float, header: str) -> str:
     lines = [header, "",
-             "| row | NFE | parameters | train CPU-min | FD_world | category seen | colour seen | category held-out | colour held-out | samples/s |",
+             "| row | NFE | parameters | train minutes | FD_world | category seen | colour seen | category held-out | colour held-out | samples/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['nfe']} | {r['parameters'] / 1e6:.2f}M | {r['train_minutes']:.1f} | "

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_teacher_parser(sub)
     add_student_parsers(sub)
+    add_app_parser(sub)
     return parser
 
 
@@ -447,10 +448,41 @@ def cmd_sample(args) -> int:
     return 0
 
 
+# --- sds3d app -----------------------------------------------------------------------------------
+
+def add_app_parser(sub) -> None:
+    """`sds3d app`: the Gradio web app (sds3d/app), on the loopback interface unless --host says otherwise."""
+    ap = sub.add_parser("app", help="serve the web app: generate, watch, cancel/resume, view and download runs")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network)")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--share", action="store_true", help="also ask Gradio for a public share link (needs internet)")
+    ap.add_argument("--out-root", default="outputs",
+                    help="folder of the run folders (default outputs); the app serves files from here only")
+    ap.add_argument("--max-runs", type=int, default=1, help="optimizations at a time (default 1); others queue")
+
+
+def cmd_app(args) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_runs < 1:
+        raise ValueError(f"--max-runs must be at least 1, got {args.max_runs}")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError("the web app needs gradio: pip install 'sds3d[app]'") from None
+    from .app import launch
+
+    print(f"sds3d app: serving {Path(args.out_root).resolve()} on http://{args.host}:{args.port} (Ctrl-C stops)",
+          flush=True)
+    launch(host=args.host, port=args.port, share=args.share, out_root=args.out_root, max_runs=args.max_runs)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "teacher": cmd_teacher,
-                "distill": cmd_distill, "sample": cmd_sample}
+                "distill": cmd_distill, "sample": cmd_sample, "app": cmd_app}
     try:
         return handlers[args.command](args)
     except (ValueError, RuntimeError, FloatingPointError, OSError) as error:

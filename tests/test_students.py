@@ -198,3 +198,26 @@ def test_every_method_distils_a_latent_diffusers_teacher_with_the_same_code(tmp_
     assert out.x.shape == (2, teacher.channels, teacher.resolution, teacher.resolution) and teacher.channels == 4
     assert out.images.shape == (2, 3, teacher.vae_resolution, teacher.vae_resolution)
     assert torch.isfinite(out.images).all() and out.nfe == nfe
+
+
+def test_kd_moves_a_toy_students_one_step_samples_to_the_exact_ode(tmp_path):
+    """One-step KD on the Gaussian-mixture teacher of test_students_sfd (exact eps, exact RK4 ODE):
+    a few hundred steps bring the student's 1-NFE samples several times closer to the exact ODE
+    solution from the same noise than the untrained student (the teacher's own one DDIM step)."""
+    from test_students_sfd import MixtureTeacher, exact_ode, rms
+
+    torch.set_num_threads(1)
+    teacher = MixtureTeacher()
+    abar = teacher.schedule.alphas_cumprod.double()
+    sigmas = ((1 - abar) / abar).sqrt()
+    x_T = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(5))
+    exact = exact_ode(x_T, sigmas[999].item(), sigmas[0].item())
+    cond = teacher.encode_prompt(["toy"] * 256)
+    config = StudentConfig(method="kd", nfe=1, steps=300, batch_size=64, lr=1e-2, warmup_steps=10, log_every=50,
+                           checkpoint_every=1000, sample_every=0, grad_clip=None, guidance=1.0,
+                           options={"pairs": 512, "teacher_steps": 100, "pair_batch": 512})
+    run = StudentRun(tmp_path / "kd", config, OneStepKD, teacher=teacher, log=quiet, prompts=["toy"])
+    before = rms(run.method.sample(run.student, cond, 1, None, x_T=x_T).x, exact)
+    run.train()
+    after = rms(run.method.sample(run.student, cond, 1, None, x_T=x_T).x, exact)
+    assert before > 0.15 and after < 0.4 * before, (before, after)

@@ -37,7 +37,15 @@ from ..teachers import load_teacher, teacher_kind
 
 @dataclass
 class ProgressEvent:
-    """What the CLI's progress bar and the web app hear every few steps."""
+    """What the CLI's progress bar and the web app hear: at every saved preview, and every
+    `progress_every` steps when a listener asks for more (the web app's progress bar).
+
+    `phase` says where the run is: "train" (a step finished), "export", "evaluate", or "stopped"
+    (a `should_stop` request was honoured; the checkpoint holds `step`). `start_step` is the step
+    this session began from (0, or a resumed checkpoint's), so that `seconds_left` extrapolates the
+    pace of this session only. `render` draws the four-view preview of the field as it is now, for a
+    listener that wants a picture between saved previews; it is called from the training thread
+    between steps and draws no random numbers of the run's generator, so the run is unchanged."""
 
     step: int
     total_steps: int
@@ -46,6 +54,17 @@ class ProgressEvent:
     preview_path: Path | None = None
     preview: torch.Tensor | None = None  # (3, H, W) in [0, 1]
     message: str = ""
+    phase: str = "train"
+    start_step: int = 0
+    render: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def seconds_left(self) -> float | None:
+        """Training time left at this session's mean pace so far, or None before a step is done."""
+        done = self.step - self.start_step
+        if self.phase != "train" or done <= 0:
+            return None
+        return self.elapsed_s / done * (self.total_steps - self.step)
 
 
 @dataclass
@@ -55,6 +74,7 @@ class RunResult:
     seconds: float
     files: dict[str, Path] = field(default_factory=dict)
     metrics: dict | None = None
+    stopped: bool = False  # a `should_stop` request ended training early: no export, checkpoint kept
 
 
 
@@ -135,14 +155,24 @@ def view_prompts(config: GenerateConfig, views: list[str]) -> list[str]:
 
 
 class TextTo3D:
-    """One optimization run; `run()` trains, exports and scores, resuming from `checkpoints/last.pt`."""
+    """One optimization run; `run()` trains, exports and scores, resuming from `checkpoints/last.pt`.
+
+    `callback` hears a ProgressEvent at every saved preview and, with `progress_every=N`, after every
+    N-th step too. `should_stop` (polled before every step; the web app's Cancel button) ends
+    training cooperatively: the step in progress finishes, the checkpoint is written, and `run()`
+    returns with `stopped=True` and no export, so that `resume=True` continues exactly."""
 
     def __init__(self, config: GenerateConfig, run_dir: str | Path, teacher=None,
-                 callback: Callable[[ProgressEvent], None] | None = None):
+                 callback: Callable[[ProgressEvent], None] | None = None, progress_every: int | None = None,
+                 should_stop: Callable[[], bool] | None = None):
         self.config = config.validate()
         self.run_dir = Path(run_dir)
         self.teacher = teacher
         self.callback = callback
+        self.progress_every = progress_every
+        self.should_stop = should_stop
+        self.stopped = False
+        self.last_loss = float("nan")
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
 
     # -- state --------------------------------------------------------------------------------
@@ -254,8 +284,12 @@ class TextTo3D:
             self.occupancy.update(self.field, step=0, generator=self.generator)
 
         start = time.time()
+        first_step = self.step
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not show_progress, desc=cfg.prompt[:30], unit="step")
         while self.step < cfg.steps:
+            if self.should_stop is not None and self.should_stop():
+                self._stop(first_step, time.time() - start)
+                break
             cameras = sample_cameras(cfg.batch_size, render_resolution(cfg, self.step), cfg.elevation_range, cfg.azimuth_range,
                                      cfg.distance_range, cfg.fovy_range, generator=self.generator)
             shading = shading_for_step(cfg, self.step, self.generator)
@@ -287,16 +321,33 @@ class TextTo3D:
                 self.lora_optimizer.step()
             self.step += 1
             self.occupancy.update(self.field, step=self.step, generator=self.generator)
+            self.last_loss = loss.item()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3g}")
+            bar.set_postfix(loss=f"{self.last_loss:.3g}")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self._save_checkpoint()
             if self.step % cfg.preview_every == 0 or self.step == cfg.steps:
                 image = self.preview()
                 path = self.run_dir / "previews" / f"step-{self.step:05d}.png"
                 save_image(path, image)
-                self._emit(ProgressEvent(self.step, cfg.steps, loss.item(), time.time() - start, path, image))
+                self._emit(ProgressEvent(self.step, cfg.steps, self.last_loss, time.time() - start, path, image,
+                                         start_step=first_step, render=self.preview))
+            elif self.progress_every and self.step % self.progress_every == 0:
+                self._emit(ProgressEvent(self.step, cfg.steps, self.last_loss, time.time() - start,
+                                         start_step=first_step, render=self.preview))
         bar.close()
+
+    def _stop(self, first_step: int, elapsed_s: float) -> None:
+        """Honour a stop request before the next step: keep what this session trained in the
+        checkpoint (unless this very step's is already written) and say where the run stands."""
+        cfg = self.config
+        if self.step > first_step and self.step % cfg.checkpoint_every != 0:
+            self._save_checkpoint()
+        self.stopped = True
+        kept = (f"checkpoint at step {self.step} kept" if self.checkpoint_path.exists()
+                else "nothing trained yet, no checkpoint")
+        self._emit(ProgressEvent(self.step, cfg.steps, self.last_loss, elapsed_s, phase="stopped", start_step=first_step,
+                                 message=f"stopped at step {self.step} of {cfg.steps}: {kept}"))
 
     def _encode(self, prompts: list[str]) -> Cond:
         """The teacher's conditioning; nfsd's unconditional text is its paper's negative prompt by default."""
@@ -343,7 +394,12 @@ class TextTo3D:
         return {k: Path(v) for k, v in files.items()}
 
     def evaluate(self) -> dict | None:
-        """Scores against the world's ground truth, or None when the prompt is not a world scene."""
+        """Scores against the world's ground truth, or None when the prompt is not a world scene.
+
+        The evaluation renders place their samples along the rays with torch's global generator; it is
+        seeded here (and restored after), so that the scores depend on the field alone, not on what
+        else the process drew before (a teacher built in the run or kept by the web app, extra
+        previews): `generate`, `sds3d eval` and the web app give the same metrics for the same field."""
         from ..eval.ground_truth import evaluate_run
         from ..world.prompts import resolve_prompt
 
@@ -351,8 +407,10 @@ class TextTo3D:
             scene = resolve_prompt(self.config.prompt)
         except ValueError:
             return None
-        metrics = evaluate_run(self.field, self.occupancy, scene, self.run_dir / "mesh.ply", num_samples=self.config.num_samples,
-                               background=self.config.background)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.config.seed)
+            metrics = evaluate_run(self.field, self.occupancy, scene, self.run_dir / "mesh.ply",
+                                   num_samples=self.config.num_samples, background=self.config.background)
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2))
         return metrics
 
@@ -360,7 +418,15 @@ class TextTo3D:
         start = time.time()
         self.train(resume=resume, show_progress=show_progress)
         train_seconds = time.time() - start
+        if self.stopped:
+            return RunResult(self.run_dir, self.step, time.time() - start, stopped=True)
+        steps = self.config.steps
+        self._emit(ProgressEvent(self.step, steps, self.last_loss, train_seconds, phase="export",
+                                 message="exporting the mesh and the turntable"))
         files = self.export()
+        if evaluate:
+            self._emit(ProgressEvent(self.step, steps, self.last_loss, time.time() - start, phase="evaluate",
+                                     message="scoring against the world's ground truth"))
         metrics = self.evaluate() if evaluate else None
         if metrics is not None:
             metrics["train_seconds"] = round(train_seconds, 1)
@@ -368,20 +434,32 @@ class TextTo3D:
         return RunResult(self.run_dir, self.step, time.time() - start, files, metrics)
 
 
-def generate(config: GenerateConfig, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,
-             teacher=None, callback=None, show_progress: bool = True, evaluate: bool = True) -> RunResult:
-    """Prepare the run folder (never clobbering a user's run), save the config, optimize, export, score."""
+def check_run(config: GenerateConfig, teacher=None) -> GenerateConfig:
+    """The checks a run passes before any folder is made: the config's values; for the world's teachers
+    a prompt the world knows (UnknownPromptError naming the nearest known prompts); for a diffusers
+    teacher not given as an object, a folder that is there (hub ids are checked when loaded)."""
     config.validate()
-    if teacher_kind(config.teacher) in ("oracle", "embedded"):  # world teachers: fail on an unknown prompt before any folder is made
+    if teacher_kind(config.teacher) in ("oracle", "embedded"):
         from ..world.prompts import resolve_prompt
 
         resolve_prompt(config.prompt)
-    elif teacher is None:  # ... or on a teacher folder that is not there (hub ids are checked when loaded)
+    elif teacher is None:
         from ..teachers.diffusers import resolve_spec
 
         resolve_spec(config.teacher)
+    return config
+
+
+def generate(config: GenerateConfig, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,
+             teacher=None, callback=None, show_progress: bool = True, evaluate: bool = True,
+             progress_every: int | None = None, should_stop: Callable[[], bool] | None = None) -> RunResult:
+    """Prepare the run folder (never clobbering a user's run), save the config, optimize, export, score.
+
+    `callback`, `progress_every` and `should_stop` are TextTo3D's (the web app's live view and Cancel)."""
+    check_run(config, teacher)
     run_dir = Path(out) if out else default_run_dir(config)
     run_dir = prepare_run_folder(run_dir, overwrite=overwrite, resume=resume)
     config.save(run_dir / "config.yaml")
-    return TextTo3D(config, run_dir, teacher=teacher, callback=callback).run(resume=resume, show_progress=show_progress,
-                                                                               evaluate=evaluate)
+    run = TextTo3D(config, run_dir, teacher=teacher, callback=callback, progress_every=progress_every,
+                   should_stop=should_stop)
+    return run.run(resume=resume, show_progress=show_progress, evaluate=evaluate)

@@ -251,7 +251,15 @@ class StudentRun:
         torch.manual_seed(config.seed)
         self.student = StudentModel(self.teacher, method_network(self.method, self.teacher))
         self.ema = copy.deepcopy(self.student.network).requires_grad_(False).eval() if config.ema_decay else None
-        self.method.attach(self)
+        start = time.time()
+        self.method.attach(self)  # may make teacher caches (KD pairs, teacher samples): part of the cost
+        self.setup_seconds = time.time() - start
+        previous = self.out_dir / STUDENT_FILE
+        if previous.exists():  # a resumed run keeps the setup time of the run that made the caches
+            try:
+                self.setup_seconds = max(self.setup_seconds, 60 * float(json.loads(previous.read_text())["setup_minutes"]))
+            except (ValueError, KeyError, TypeError, OSError):
+                pass
         params = [p for p in self.student.network.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=0.0)
         network = self.student.network
@@ -306,6 +314,9 @@ class StudentRun:
                 "teacher": teacher_identity(self.teacher, self.config.teacher), "guidance": self.guidance,
                 "nfe": self.config.nfe, "steps_done": self.loop.step,
                 "train_minutes": round(self.loop.train_seconds / 60, 2),
+                "setup_minutes": round(self.setup_seconds / 60, 2),  # teacher caches made before training
+                # training minutes of the students this one starts from (SFD's second stage)
+                "prior_minutes": round(float(getattr(self.method, "prior_minutes", 0.0)), 2),
                 "parameters": sum(p.numel() for p in self.student.network.parameters())}
 
     def write_card(self) -> None:
@@ -319,7 +330,7 @@ Written by `sds3d distill` from student.json; figures of quality come from `benc
 - **Teacher**: `{cfg['teacher']}`, network sha256 {d['teacher']['network_sha256'][:16]}..., {d['teacher']['resolution']} px
 - **Student network**: {d['parameters']:,} parameters (a copy of the teacher's, trained)
 - **Training**: {d['steps_done']} steps of batch {cfg['batch_size']}, lr {cfg['lr']}, seed {cfg['seed']},
-  {d['train_minutes']} minutes of training on this machine
+  {d['train_minutes']} minutes of training (+ {d['setup_minutes']} minutes making teacher caches) on this machine
 - **Prompts**: {cfg['prompts']}
 - **Use**: `sds3d sample --student {self.out_dir} "a red cube" --n 16`
 """

@@ -382,6 +382,8 @@ class SFDSecondStage:
     def attach(self, run) -> None:
         self.run = run
         self.first, self.first_method, meta = load_sfd_student(self.options["from_student"], run.teacher)
+        # What the first stage cost counts toward this student's (benchmarks/students.py adds it).
+        self.prior_minutes = meta["train_minutes"] + meta.get("setup_minutes", 0.0) + meta.get("prior_minutes", 0.0)
         self.teacher_nfe = self.options["teacher_nfe"] or meta["nfe"]
         why = self.first_method.supported_nfe(self.teacher_nfe)
         if why:
