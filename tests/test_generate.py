@@ -48,10 +48,10 @@ def test_resume_continues_exactly(tmp_path):
 
     with pytest.raises(Interrupted):
         generate(config, out=tmp_path / "resumed", callback=stop_at_six, show_progress=False)
-    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)["step"] == 6
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
     generate(config, out=tmp_path / "resumed", resume=True, show_progress=False)
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 12
     for key, value in a["field"].items():
         torch.testing.assert_close(b["field"][key], value, rtol=0, atol=0, msg=key)

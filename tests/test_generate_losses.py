@@ -28,7 +28,7 @@ def initial_field(config):
 
 
 def checkpoint(run):
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)
 
 
 def changed(state, reference):

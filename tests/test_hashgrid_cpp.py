@@ -133,7 +133,7 @@ def test_state_dict_round_trip_between_backends(cpp_ready):
         torch.save(a.state_dict(), buffer)
         buffer.seek(0)
         b = HashGridEncoding(**config, backend=target)
-        b.load_state_dict(torch.load(buffer))
+        b.load_state_dict(torch.load(buffer, weights_only=True))
         assert list(a.state_dict()) == list(b.state_dict()) == ["table"]
         assert b.backend == target
         with torch.no_grad():
