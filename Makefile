@@ -16,12 +16,18 @@ install: $(BIN)/sds3d
 demo: install
 	$(BIN)/sds3d generate "a red cube" --preset cpu-fast --overwrite
 
+# The web app's browser test (tests/test_app_browser.py) drives Debian's chromium: installed with apt
+# when it is missing and we are root (otherwise that test is skipped, unless SDS3D_REQUIRE_BROWSER=1).
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; fi
+
 # Fast suite first, then the slow end-to-end runs.
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q -m slow
 
-test-fast: install
+test-fast: install browser
 	$(BIN)/python -m pytest -q
 
-.PHONY: install demo test test-fast
+.PHONY: install demo browser test test-fast

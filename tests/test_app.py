@@ -57,11 +57,10 @@ def test_inside_root_refuses_dotdot_and_symlinks_out(tmp_path):
 
 # --- the loop's stop flag ---------------------------------------------------------------------------
 
-def test_stop_flag_keeps_the_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
+def test_stop_flag_keeps_the_checkpoint_and_resume_is_exact(tmp_path):
     """The Cancel button's contract: training stops before the next step, the checkpoint holds the
     step reached (5, not a multiple of checkpoint_every), nothing is exported, and resuming ends
     exactly where an uninterrupted run ends."""
-    monkeypatch.setenv("SDS3D_CACHE", str(tmp_path / "cache"))
     config = make_config("smoke", prompt="a red cube", steps=8, checkpoint_every=4, preview_every=4)
     generate(config, out=tmp_path / "straight", show_progress=False, evaluate=False)
 
@@ -108,7 +107,6 @@ def served(tmp_path_factory):
     base = tmp_path_factory.mktemp("app")
     mp = pytest.MonkeyPatch()
     mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    mp.setenv("SDS3D_CACHE", str(base / "cache"))
     app = SDS3DApp(base / "outputs", max_runs=1, warm=False)
     demo = app.build()
     demo.queue(default_concurrency_limit=1)
@@ -131,6 +129,16 @@ def generate_args(prompt, preset="smoke", seed=0, steps=None, teacher="embedded"
                 settings=settings, api_name="/generate")
 
 
+def summary_of(out) -> dict:
+    """The run summary (gr.JSON) among a run event's outputs."""
+    return next(value for value in out if isinstance(value, dict) and "state" in value)
+
+
+def files_of(out) -> list[str]:
+    """The downloads (gr.File, multiple) among a run event's outputs: local copies the client fetched."""
+    return next(value for value in out if isinstance(value, list))
+
+
 def statuses(job) -> list[str]:
     return [out[0] for out in job.outputs() if isinstance(out[0], str)]
 
@@ -147,15 +155,16 @@ def test_two_pages_both_get_their_run_and_it_equals_the_cli(served, tmp_path):
     job_b = b.submit(**generate_args("a blue sphere"))
     out_a, out_b = job_a.result(timeout=300), job_b.result(timeout=300)
     for out in (out_a, out_b):
-        assert out[8]["state"] == "done", out[0]
+        assert summary_of(out)["state"] == "done", out[0]
     queued = [any(s.startswith("**queued**: position 1") for s in statuses(job)) for job in (job_a, job_b)]
     assert sorted(queued) == [False, True], (statuses(job_a), statuses(job_b))
 
-    summary = out_a[8]
+    summary = summary_of(out_a)
     run_dir = inside_root(root, summary["run"])
     glb = inside_root(root, summary["files"]["mesh.glb"])  # a path inside the output root
     assert glb == run_dir / "mesh.glb" and glb.is_file()
-    assert Path(out_a[3]).read_bytes() == glb.read_bytes()  # what the viewer loads is that file
+    served_glb = [Path(f) for f in files_of(out_a) if Path(f).name == "mesh.glb"]
+    assert served_glb[0].read_bytes() == glb.read_bytes()  # what the page offers is that file
     mesh = trimesh.load(glb, force="mesh")
     assert len(mesh.faces) > 100
     assert {"mesh.glb", "mesh.obj", "mesh.ply", "turntable.mp4", "config.yaml"} <= set(summary["files"])
@@ -177,7 +186,7 @@ def test_mistakes_come_back_as_one_line(served, kwargs, expected):
     url, root, _ = served
     before = sorted(p.name for p in root.iterdir())
     out = client(url).predict(**generate_args(**kwargs))
-    status, summary = out[0], out[8]
+    status, summary = out[0], summary_of(out)
     assert status.startswith(expected), status
     assert "\n" not in status and "Traceback" not in status
     assert summary == {"state": "error", "message": status}
@@ -217,7 +226,7 @@ def test_cancel_stops_at_the_next_step_and_resume_finishes(served):
         time.sleep(0.2)
     assert c.predict(api_name="/cancel").startswith("**cancelling**")
     out = job.result(timeout=120)
-    summary = out[8]
+    summary = summary_of(out)
     assert summary["state"] == "stopped", out[0]
     stopped_at = summary["step"]
     assert 1 <= stopped_at < 2000
@@ -228,5 +237,121 @@ def test_cancel_stops_at_the_next_step_and_resume_finishes(served):
     names = [row for row in c.predict(api_name="/list_runs")[1].splitlines() if summary["run"] in row]
     assert names and f"stopped at step {stopped_at}/2000" in names[0]
     out = c.predict(summary["run"], stopped_at + 2, api_name="/resume")
-    assert out[8]["state"] == "done" and out[8]["step"] == stopped_at + 2, out[0]
+    assert summary_of(out)["state"] == "done" and summary_of(out)["step"] == stopped_at + 2, out[0]
     assert (run_dir / "mesh.glb").is_file()
+
+
+def test_students_tab_compares_a_student_with_its_teacher_from_the_same_noise(served):
+    """A (tiny) KD student under <root>/students: the tab's two pictures are the student's one step and the
+    teacher's DDIM-50 (trailing, clipped x0: EMBEDDED_DDIM) from the same x_T, drawn here with torch.randn
+    from the seed; the NFE column says 1 and 100 (50 guided steps)."""
+    import imageio.v2 as imageio
+
+    from sds3d.diffusion.solvers import ddim_sample
+    from sds3d.distill.students import METHODS, StudentConfig, StudentRun, load_student
+    from sds3d.distill.students.kd import OneStepKD
+    from sds3d.io import image_grid, to_uint8
+    from tiny_teachers import tiny_teacher
+
+    url, root, app = served
+    config = StudentConfig(method="kd", nfe=1, steps=2, batch_size=4, warmup_steps=1, checkpoint_every=1000,
+                           sample_every=0, guidance=2.0, options={"pairs": 4, "teacher_steps": 4, "pair_batch": 4})
+    folder = root / "students" / "kd-nfe1-0"
+    StudentRun(folder, config, OneStepKD, teacher=tiny_teacher(), log=lambda *a: None,
+               prompts=["a red cube", "a blue sphere"]).train()
+    app.students.teacher_loader = lambda spec: tiny_teacher()  # the folder's spec names the shipped teacher
+
+    c = client(url)
+    student_png, teacher_png, info = c.predict("students/kd-nfe1-0", "a red cube", 3, 2, api_name="/compare_students")
+    assert "| student (kd) | 1 |" in info and "| 100 |" in info, info
+
+    teacher = tiny_teacher()
+    student, _, meta = load_student(folder, METHODS, teacher=teacher)
+    cond = teacher.encode_prompt(["a red cube"] * 2)
+    x_T = torch.randn((2, teacher.channels, teacher.resolution, teacher.resolution), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = teacher.decode(OneStepKD.one_step(student, x_T, cond))
+    reference = ddim_sample(teacher, cond, 50, meta["guidance"], x_T=x_T, spacing="trailing", clip_x0=True).images
+    for png, images in ((student_png, ours), (teacher_png, reference)):
+        shown, grid = imageio.imread(png)[..., :3], to_uint8(image_grid(images, 2))
+        zoom = shown.shape[0] // grid.shape[0]  # the page enlarges small images by a whole factor
+        assert zoom >= 1 and (shown == grid.repeat(zoom, axis=0).repeat(zoom, axis=1)).all()
+
+    _, _, refused = c.predict("../..", "a red cube", 0, 1, api_name="/compare_students")
+    assert refused.startswith("error: "), refused
+
+
+def test_the_launcher_serves_the_page_on_loopback_only(tmp_path):
+    """`python apps/gradio_app.py` (= `sds3d app`) binds 127.0.0.1 by default and serves the page; a bad
+    port is one error line."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from sds3d.cli import build_parser, main
+
+    assert build_parser().parse_args(["app"]).host == "127.0.0.1"
+    assert main(["app", "--port", "70000"]) == 2
+
+    port = free_port()
+    launcher = Path(__file__).resolve().parents[1] / "apps" / "gradio_app.py"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    process = subprocess.Popen([sys.executable, str(launcher), "--port", str(port), "--out-root", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        deadline, page = time.time() + 120, None
+        while time.time() < deadline and process.poll() is None:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert page is not None and page.status_code == 200, process.stdout.read() if process.poll() is not None else ""
+        assert "sds3d" in page.text
+        listening = _listening_addresses(port)  # bound to the loopback address only
+        assert listening and all(address.startswith("127.") for address in listening), listening
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _listening_addresses(port: int) -> list[str]:
+    """Local addresses with a TCP socket listening on `port`, from /proc/net/tcp (IPv4) and tcp6."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if int(hex_port, 16) != port or state != "0A":  # 0A: LISTEN
+                continue
+            if len(address) == 8:
+                found.append(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]))
+            else:
+                found.append("ipv6:" + address)
+    return found
+
+
+def test_a_crashed_run_is_one_line_and_the_app_keeps_serving(served, monkeypatch):
+    """A failure that is no user's mistake (here the teacher loader raising) ends that run with one line
+    naming it, removes the folder it had just made, and the next request is served as usual."""
+    url, root, app = served
+
+    def broken(config):
+        raise RuntimeError("simulated crash\nsecond line that must not reach the page")
+
+    monkeypatch.setattr(app.teachers, "get", broken)
+    before = sorted(p.name for p in root.iterdir())
+    c = client(url)
+    out = c.predict(**generate_args("a yellow cube"))
+    status = out[0]
+    assert status.startswith("the run failed (RuntimeError: simulated crash)"), status
+    assert "\n" not in status and "second line" not in status and "Traceback" not in status
+    assert sorted(p.name for p in root.iterdir()) == before
+    monkeypatch.undo()
+    table = c.predict(api_name="/list_runs")[1]  # still serving
+    assert table.startswith("| run |") or table.startswith("No runs yet")

@@ -213,12 +213,13 @@ class RunJob:
     """`generate` in a worker thread, its progress as a queue of Updates and a stop flag.
 
     Live previews: the loop's own previews are passed on, and between them the field is rendered
-    (ProgressEvent.render) at the first step and then whenever `min_interval` seconds have passed
-    and rendering costs at most `preview_budget` of the time since the last one, so that watching
-    a run slows it by at most that share."""
+    (ProgressEvent.render, at `preview_resolution` pixels a view) at the first step and then whenever
+    `min_interval` seconds have passed and rendering costs at most `preview_budget` of the time since
+    the last one, so that watching a run slows it by at most that share."""
 
     def __init__(self, config: GenerateConfig, run_dir: Path, teacher_loader=None, resume: bool = False,
-                 ticket: Ticket | None = None, min_interval: float = 1.0, preview_budget: float = 0.02):
+                 ticket: Ticket | None = None, min_interval: float = 1.0, preview_budget: float = 0.02,
+                 preview_resolution: int = 48):
         # teacher_loader(config) -> teacher (the app's TeacherCache.get), called in the worker thread;
         # None: generate loads the teacher itself.
         self.config, self.run_dir, self.teacher_loader, self.resume = config, Path(run_dir), teacher_loader, resume
@@ -226,10 +227,11 @@ class RunJob:
         self.updates: queue.Queue[Update | None] = queue.Queue()
         self.result: RunResult | None = None
         self.error: BaseException | None = None
-        self.min_interval, self.preview_budget = min_interval, preview_budget
+        self.min_interval, self.preview_budget, self.preview_resolution = min_interval, preview_budget, preview_resolution
         self._last_preview = None  # time of the last preview sent
         self._preview_cost = 0.0
         self.first_preview_s: float | None = None  # seconds from start() to the first preview sent
+        self.preview_seconds, self.previews = 0.0, 0  # time spent rendering the page's extra previews
         self._holds_rng = False
         self.thread = threading.Thread(target=self._work, name=f"sds3d-run-{self.run_dir.name}", daemon=True)
 
@@ -260,8 +262,10 @@ class RunJob:
             # (eval.ground_truth) also draws from: restore it, so the page's extra previews leave the
             # run's metrics exactly as the CLI computes them.
             with torch.random.fork_rng(devices=None if torch.cuda.is_available() else []):
-                image = event.render()
+                image = event.render(resolution=self.preview_resolution)
             self._preview_cost = time.perf_counter() - begin
+            self.preview_seconds += self._preview_cost
+            self.previews += 1
         if image is not None:
             self._last_preview = time.perf_counter()
             if self.first_preview_s is None:

@@ -27,7 +27,9 @@ from .students import MAX_IMAGES, StudentSampler, list_students
 
 TEACHER_CHOICES = ["embedded", "oracle"]
 LOSS_CHOICES = ["sds", "vsd", "nfsd"]
-UPDATE_EVERY_S = 0.3  # the page is refreshed at most this often while a run trains
+UPDATE_EVERY_S = 0.5  # the page is refreshed at most this often while a run trains
+PHASES = {"train": "training", "export": "exporting", "evaluate": "scoring", "stopped": "stopping"}
+PREVIEW_ZOOM = 2  # live previews are 64 px a view: shown twice as large (nearest neighbour)
 SETTINGS_HINT = ("One FIELD=VALUE per line, YAML values, any field of a run's config.yaml (as `sds3d generate "
                  "--set`), e.g.\nlambda_z_variance=100\nelevation_range=[0, 45]")
 
@@ -77,15 +79,18 @@ class Panel:
         self.run = gr.State(None)  # the shown run's folder name, relative to the output root
 
     def outputs(self) -> list:
-        return [self.status, self.progress, self.preview, self.model, self.video, self.sheet, self.metrics,
-                self.files, self.summary, self.run, self.resume]
+        """What a run's stream updates. Not the 3D viewer: gr.Model3D stays blank when a streaming
+        (generator) event sets it (gradio 6), so a plain event shows the mesh after the run
+        (`SDS3DApp.model_of`)."""
+        return [self.status, self.progress, self.preview, self.video, self.sheet, self.metrics, self.files,
+                self.summary, self.run, self.resume]
 
     @staticmethod
-    def values(status=None, progress=None, preview=None, model=None, video=None, sheet=None, metrics=None,
-               files=None, summary=None, run=None, resume=None, clear: bool = False) -> tuple:
+    def values(status=None, progress=None, preview=None, video=None, sheet=None, metrics=None, files=None,
+               summary=None, run=None, resume=None, clear: bool = False) -> tuple:
         """A tuple for `outputs()`: the given values, the others left as they are (or emptied with clear)."""
         keep = None if clear else gr.skip()
-        given = [status, progress, preview, model, video, sheet, metrics, files, summary, run, resume]
+        given = [status, progress, preview, video, sheet, metrics, files, summary, run, resume]
         return tuple(keep if value is None else value for value in given)
 
 
@@ -98,7 +103,7 @@ class SDS3DApp:
         self.queue = RunQueue(max_runs)
         self.teachers = TeacherCache()
         self.students = StudentSampler(self.root)
-        self.tickets: dict[str, Ticket] = {}  # browser session -> its run (waiting or running)
+        self.tickets: dict[str, set[Ticket]] = {}  # browser session -> its runs (waiting or running)
         self.jobs: dict[Path, RunJob] = {}  # running jobs by folder
         self.lock = threading.Lock()
         if warm:
@@ -139,7 +144,6 @@ class SDS3DApp:
         return (f"**{_esc(state)}**: {message}",
                 progress_html(step, total, text=summary.status),
                 preview,
-                str(files["mesh.glb"]) if "mesh.glb" in files else None,
                 str(files["turntable.mp4"]) if "turntable.mp4" in files else None,
                 str(sheet) if sheet else None,
                 metrics_markdown(summary.metrics, summary.prompt),
@@ -152,7 +156,7 @@ class SDS3DApp:
         """Wait for a slot, then train, streaming the page's updates; a generator of Panel tuples."""
         ticket = Ticket(config.prompt)
         with self.lock:
-            self.tickets[session] = ticket
+            self.tickets.setdefault(session, set()).add(ticket)
         self.queue.join(ticket)
         job = None
         begin = time.perf_counter()
@@ -177,9 +181,14 @@ class SDS3DApp:
             if run_dir is None:
                 run_dir = new_run_dir(self.root, config.prompt, config.seed)
             name = self._name(run_dir)
-            job = RunJob(config, run_dir, teacher_loader=self.teachers.get, resume=resume, ticket=ticket).start()
             with self.lock:
+                if run_dir.resolve() in self.jobs:  # two Resume presses of one run: the first one runs it
+                    yield Panel.values(status=f"error: run {_esc(name)} is running already",
+                                       progress=progress_html(text="not started"))
+                    return
+                job = RunJob(config, run_dir, teacher_loader=self.teachers.get, resume=resume, ticket=ticket)
                 self.jobs[run_dir.resolve()] = job
+            job.start()
             verb = "resuming" if resume else "running"
             yield Panel.values(status=f"**{verb}** {_esc(config.prompt)} (seed {config.seed}) in `{name}`",
                                progress=progress_html(0, config.steps, text="loading the teacher"),
@@ -196,8 +205,9 @@ class SDS3DApp:
                     self.jobs.pop(job.run_dir.resolve(), None)
             self.queue.leave(ticket)
             with self.lock:
-                if self.tickets.get(session) is ticket:
-                    del self.tickets[session]
+                self.tickets.get(session, set()).discard(ticket)
+                if not self.tickets.get(session):
+                    self.tickets.pop(session, None)
 
     def _stream(self, job: RunJob, name: str):
         """Page updates from the job's queue, at most one per UPDATE_EVERY_S (the latest values win)."""
@@ -216,20 +226,23 @@ class SDS3DApp:
                     done = True
                     break
                 latest = update
-                preview = update.preview if update.preview is not None else preview
+                if update.preview is not None:
+                    preview = update.preview.repeat(PREVIEW_ZOOM, axis=0).repeat(PREVIEW_ZOOM, axis=1)
                 if time.perf_counter() >= deadline:
                     break
             if latest is None:
                 continue
             text = latest.message or ("cancelling: stopping after this step" if job.ticket.cancel.is_set() else "")
-            yield Panel.values(status=f"**{latest.phase}** `{name}`" + (f": {_esc(text)}" if text else ""),
+            phase = PHASES.get(latest.phase, latest.phase)
+            yield Panel.values(status=f"**{phase}** `{name}`" + (f": {_esc(text)}" if text else ""),
                                progress=progress_html(latest.step, latest.total_steps, latest.loss,
                                                       latest.seconds_left, text),
                                preview=preview)
 
     def _final(self, job: RunJob, run_dir: Path, begin: float) -> tuple:
         extra = {"seconds": round(time.perf_counter() - begin, 2),
-                 "first_preview_s": None if job.first_preview_s is None else round(job.first_preview_s, 2)}
+                 "first_preview_s": None if job.first_preview_s is None else round(job.first_preview_s, 2),
+                 "live_previews": job.previews, "live_preview_seconds": round(job.preview_seconds, 2)}
         if job.error is not None:
             message = error_line(job.error)
             if not run_dir.exists():
@@ -282,11 +295,14 @@ class SDS3DApp:
                             summary={"state": "error", "message": message})
 
     def cancel(self, request: gr.Request) -> str:
+        """Cancel every run this page started (waiting ones leave the queue, running ones stop after the
+        step in progress and keep their checkpoint)."""
         with self.lock:
-            ticket = self.tickets.get(_session(request))
-        if ticket is None:
+            tickets = list(self.tickets.get(_session(request), ()))
+        if not tickets:
             return "Nothing to cancel: no run of this page is waiting or running."
-        ticket.cancel.set()
+        for ticket in tickets:
+            ticket.cancel.set()
         return "**cancelling**: the run stops after the step in progress and keeps its checkpoint"
 
     def open_run(self, name) -> tuple:
@@ -306,6 +322,14 @@ class SDS3DApp:
             values[-1] = gr.update(visible=False)
         return tuple(values)
 
+    def model_of(self, name) -> str | None:
+        """The GLB of a run folder of the output root, for the 3D viewer (None: none yet, or refused)."""
+        try:
+            glb = inside_root(self.root, f"{name}/mesh.glb") if name else None
+        except OutsideRootError:
+            return None
+        return str(glb) if glb is not None and glb.is_file() else None
+
     def refresh_runs(self):
         """Gallery items, a table and the picker's choices of every run under the output root."""
         runs = list_runs(self.root)
@@ -314,7 +338,7 @@ class SDS3DApp:
         gallery, rows = [], ["| run | prompt | seed | status | IoU | colour error |", "|---|---|---|---|---|---|"]
         for run in runs:
             status = "running" if run.path in running else run.status
-            image = thumbnail_array(run)
+            image = thumbnail_array(run)  # runs without a preview yet are in the table only
             if image is not None:
                 gallery.append((image, f"{run.caption if status == run.status else run.caption + ' · running'}"))
             metrics = run.metrics or {}
@@ -322,8 +346,8 @@ class SDS3DApp:
             rows.append(f"| `{run.name}` | {_cell(run.prompt)} | {run.seed} | {status} | "
                         f"{'' if iou is None else f'{iou:.3f}'} | {'' if color is None else f'{color:.3f}'} |")
         table = "\n".join(rows) if runs else f"No runs yet in `{self.root}`."
-        names = [run.name for run in runs]
-        return gallery, table, gr.update(choices=names), names
+        shown = [run.name for run in runs if thumbnail_array(run) is not None]  # the gallery's items, in order
+        return gallery, table, gr.update(choices=[run.name for run in runs]), shown
 
     def pick_run(self, names, event: gr.SelectData):
         index = event.index if isinstance(event.index, int) else event.index[0]
@@ -347,7 +371,7 @@ class SDS3DApp:
 
                 traceback.print_exc()
             return None, None, _esc(error_line(error))
-        return result.student, result.teacher, result.markdown()
+        return _zoom(result.student), _zoom(result.teacher), result.markdown()
 
     # -- the page ---------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
@@ -366,14 +390,14 @@ class SDS3DApp:
                                               label="teacher: embedded, oracle, a diffusers folder or a cached hub id",
                                               elem_id="teacher")
                         loss = gr.Radio(LOSS_CHOICES, value="sds", label="loss", elem_id="loss")
-                        preset = gr.Dropdown(list(PRESETS), value="cpu-fast", label="preset", elem_id="preset")
+                        preset = gr.Dropdown(list(PRESETS), value="cpu-fast", label="preset", allow_custom_value=True,
+                                             elem_id="preset")
                         with gr.Row():
                             seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
-                            steps = gr.Number(value=None, precision=0, label="steps (blank: the preset's)",
-                                              elem_id="steps")
+                            steps = gr.Textbox(value="", label="steps (blank: the preset's)", elem_id="steps")
                         with gr.Accordion("Advanced", open=False):
-                            guidance = gr.Number(value=None, label="guidance scale (blank: the teacher's default)",
-                                                 elem_id="guidance")
+                            guidance = gr.Textbox(value="", label="guidance scale (blank: the teacher's default)",
+                                                  elem_id="guidance")
                             settings = gr.Textbox(label="more settings", lines=4, placeholder=SETTINGS_HINT,
                                                   elem_id="settings")
                         with gr.Row():
@@ -385,10 +409,11 @@ class SDS3DApp:
                 with gr.Row():
                     refresh = gr.Button("Refresh", elem_id="runs-refresh")
                     picker = gr.Dropdown([], label="run folder", allow_custom_value=True, elem_id="run-picker")
-                    resume_steps = gr.Number(value=None, precision=0, label="resume up to step (blank: its own)",
-                                             elem_id="resume-steps")
-                gallery = gr.Gallery(label="runs under the output root (click one to open it)", columns=6,
-                                     height=260, allow_preview=False, elem_id="runs-gallery", object_fit="contain")
+                    resume_steps = gr.Textbox(value="", label="resume up to step (blank: its own)",
+                                              elem_id="resume-steps")
+                gallery = gr.Gallery(label="runs under the output root: front view of the last preview (click one to "
+                                           "open it)", columns=8, height="auto", allow_preview=False,
+                                     elem_id="runs-gallery", object_fit="contain")
                 table = gr.Markdown(elem_id="runs-table")
                 names = gr.State([])
                 runs_panel = Panel("runs")
@@ -405,33 +430,52 @@ class SDS3DApp:
                     count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="images", elem_id="student-count")
                 sample_button = gr.Button("Sample", variant="primary", elem_id="student-sample")
                 with gr.Row():
-                    student_image = gr.Image(label="student", type="numpy", interactive=False, elem_id="student-image")
-                    teacher_image = gr.Image(label="teacher", type="numpy", interactive=False, elem_id="teacher-image")
+                    student_image = gr.Image(label="student", type="numpy", format="png", interactive=False,
+                                             elem_id="student-image")
+                    teacher_image = gr.Image(label="teacher (DDIM, 50 steps)", type="numpy", format="png",
+                                             interactive=False, elem_id="teacher-image")
                 student_info = gr.Markdown(elem_id="student-info")
 
             optimize = dict(concurrency_limit=None)  # the app's own RunQueue limits the runs and shows positions
-            go.click(self.generate, [prompt, teacher, loss, preset, seed, steps, guidance, settings], panel.outputs(),
-                     api_name="generate", show_progress="hidden", **optimize)
-            prompt.submit(self.generate, [prompt, teacher, loss, preset, seed, steps, guidance, settings],
-                          panel.outputs(), api_visibility="private", show_progress="hidden", **optimize)
+            form = [prompt, teacher, loss, preset, seed, steps, guidance, settings]
+            hidden = dict(api_visibility="private", show_progress="hidden")
+            for trigger in (go.click, prompt.submit):
+                trigger(_blank, None, panel.model, **hidden).then(
+                    self.generate, form, panel.outputs(), show_progress="hidden", **optimize,
+                    **(dict(api_name="generate") if trigger == go.click else dict(api_visibility="private"))).then(
+                    self.model_of, panel.run, panel.model, **hidden)
             stop.click(self.cancel, None, panel.status, api_name="cancel", concurrency_limit=None)
-            panel.resume.click(self.resume_run, [panel.run, gr.State(None)], panel.outputs(),
-                               api_visibility="private", show_progress="hidden", **optimize)
+            panel.resume.click(_blank, None, panel.model, **hidden).then(
+                self.resume_run, [panel.run, gr.State(None)], panel.outputs(), **hidden, **optimize).then(
+                self.model_of, panel.run, panel.model, **hidden)
 
             runs_outputs = [gallery, table, picker, names]
             refresh.click(self.refresh_runs, None, runs_outputs, api_name="list_runs")
             runs_tab.select(self.refresh_runs, None, runs_outputs, api_visibility="private")
             demo.load(self.refresh_runs, None, runs_outputs, api_visibility="private")
-            picker.input(self.open_run, picker, runs_panel.outputs(), api_name="open_run")
-            gallery.select(self.pick_run, names, [picker] + runs_panel.outputs(), api_visibility="private")
-            runs_panel.resume.click(self.resume_run, [picker, resume_steps], runs_panel.outputs(), api_name="resume",
-                                    show_progress="hidden", **optimize)
+            picker.input(self.open_run, picker, runs_panel.outputs(), api_name="open_run").then(
+                self.model_of, runs_panel.run, runs_panel.model, **hidden)
+            gallery.select(self.pick_run, names, [picker] + runs_panel.outputs(), api_visibility="private").then(
+                self.model_of, runs_panel.run, runs_panel.model, **hidden)
+            runs_panel.resume.click(_blank, None, runs_panel.model, **hidden).then(
+                self.resume_run, [picker, resume_steps], runs_panel.outputs(), api_name="resume",
+                show_progress="hidden", **optimize).then(self.model_of, runs_panel.run, runs_panel.model, **hidden)
             runs_stop.click(self.cancel, None, runs_panel.status, api_visibility="private", concurrency_limit=None)
 
             demo.load(self.refresh_students, None, student, api_visibility="private")
             sample_button.click(self.compare_students, [student, student_prompt, student_seed, count],
                                 [student_image, teacher_image, student_info], api_name="compare_students")
         return demo
+
+
+def _zoom(image, min_height: int = 192):
+    """A small image grid enlarged by a whole factor (nearest neighbour: every pixel stays as sampled)."""
+    factor = max(1, min_height // max(1, image.shape[0]))
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def _blank():
+    return None
 
 
 def thumbnail_full(path: Path | None):

@@ -43,9 +43,10 @@ class ProgressEvent:
     `phase` says where the run is: "train" (a step finished), "export", "evaluate", or "stopped"
     (a `should_stop` request was honoured; the checkpoint holds `step`). `start_step` is the step
     this session began from (0, or a resumed checkpoint's), so that `seconds_left` extrapolates the
-    pace of this session only. `render` draws the four-view preview of the field as it is now, for a
-    listener that wants a picture between saved previews; it is called from the training thread
-    between steps and draws no random numbers of the run's generator, so the run is unchanged."""
+    pace of this session only. `render(resolution=64)` draws the four-view preview of the field as it
+    is now (`TextTo3D.preview`), for a listener that wants a picture between saved previews; called
+    from the listener, i.e. in the training thread between steps, it draws no random numbers of the
+    run's generator, so the run's field is unchanged."""
 
     step: int
     total_steps: int
@@ -56,7 +57,7 @@ class ProgressEvent:
     message: str = ""
     phase: str = "train"
     start_step: int = 0
-    render: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    render: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def seconds_left(self) -> float | None:
