@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..diffusion.protocol import Cond, cfg_combine
-from .lora import LoraNetwork, make_lora_network, make_lora_optimizer, network_kind  # noqa: F401 (re-exported)
+from .lora import LoraNetwork, network_kind
 from ..diffusion.schedule import sample_timesteps
 
 NFSD_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "
