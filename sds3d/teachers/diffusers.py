@@ -2,7 +2,7 @@
 
 `load_diffusers_teacher("runwayml/stable-diffusion-v1-5")` (a hub id) or `load_diffusers_teacher("path/to/folder")`
 (a folder written by `DiffusionPipeline.save_pretrained`, e.g. a hub snapshot) gives a `DiffusersTeacher` behind the
-Teacher protocol (teachers/base.py), so SDS, VSD, the solvers and the students use it like the embedded network.
+Teacher protocol (diffusion/protocol.py), so SDS, VSD, the solvers and the students use it like the embedded network.
 
 - Stable Diffusion is a *latent* teacher: images are resized to `vae_resolution` (by default the pipeline's native
   size, UNet sample_size x VAE factor: 512 for SD 1.x/2.x base, as threestudio upsamples its 64 px renders),
