@@ -8,6 +8,7 @@ reads; files and run names outside the output root are refused by the server, no
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -99,25 +100,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(url, output root, app) of a launched app; closed after the module's tests."""
+@contextlib.contextmanager
+def serve_app(root: Path, warm: bool):
+    """(url, app) of an SDS3DApp over `root` launched on a free 127.0.0.1 port; closed on exit."""
     from sds3d.app.ui import SDS3DApp
 
-    base = tmp_path_factory.mktemp("app")
     mp = pytest.MonkeyPatch()
     mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    app = SDS3DApp(base / "outputs", max_runs=1, warm=False)
+    app = SDS3DApp(root, max_runs=1, warm=warm)
     demo = app.build()
     demo.queue(default_concurrency_limit=1)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 allowed_paths=[str(app.root)])
     try:
-        yield f"http://127.0.0.1:{port}/", app.root, app
+        yield f"http://127.0.0.1:{port}/", app
     finally:
         demo.close()
         mp.undo()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(url, output root, app) of a launched app; closed after the module's tests."""
+    with serve_app(tmp_path_factory.mktemp("app") / "outputs", warm=False) as (url, app):
+        yield url, app.root, app
 
 
 def client(url):

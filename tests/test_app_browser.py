@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -45,31 +44,13 @@ def require_browser():
     pytest.skip(why)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     require_browser()
-    from sds3d.app.ui import SDS3DApp
+    from test_app import serve_app
 
-    base = tmp_path_factory.mktemp("browser-app")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    app = SDS3DApp(base / "outputs", max_runs=1, warm=True)
-    demo = app.build()
-    demo.queue(default_concurrency_limit=1)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(app.root)])
-    try:
-        yield f"http://127.0.0.1:{port}/", app.root
-    finally:
-        demo.close()
-        mp.undo()
+    with serve_app(tmp_path_factory.mktemp("browser-app") / "outputs", warm=True) as (url, app):
+        yield url, app.root
 
 
 @pytest.fixture(scope="module")
