@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="optimize a NeRF for a prompt, export a mesh and a turntable")
     gen.add_argument("prompt", help='e.g. "a red cube" (see prompts/world.txt for what the embedded world knows)')
-    gen.add_argument("--preset", default="cpu-fast", help=f"one of {', '.join(PRESETS)} (default cpu-fast)")
+    gen.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default cpu-fast)")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--steps", type=int, default=None)
     gen.add_argument("--teacher", default=None,
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=None)
     gen.add_argument("--encoding-backend", default=None, help="auto (default: tcnn on CUDA, cpp on CPU), cpp, torch or tcnn")
     gen.add_argument("--device", default=None, help="auto (default: CUDA when there), cpu or cuda")
+    gen.add_argument("--precision", default=None,
+                     help="the embedded teacher's CPU compute: auto (default: fp32 in this loop, see README "
+                          "'Precision'), fp32 or bf16 (autocast)")
     gen.add_argument("--elevation-range", type=_range, default=None, metavar="LOW,HIGH")
     gen.add_argument("--distance-range", type=_range, default=None, metavar="LOW,HIGH")
     gen.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -57,20 +60,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="re-export a run's mesh and turntable from its last checkpoint")
     ex.add_argument("run_dir")
+    ex.add_argument("--format", default=None, metavar="glb,obj,ply",
+                    help="comma-separated mesh formats (default: the run's export_formats, all three)")
+    ex.add_argument("--resolution", type=int, default=None,
+                    help="marching-cubes grid points per side (default: the run's export_resolution, 128 at cpu-fast)")
+    ex.add_argument("--faces", type=int, default=None, help="triangle budget of the decimated mesh (default 20000)")
+    ex.add_argument("--texture-size", type=int, default=None, help="texture side in texels, a power of two (default 1024)")
+    ex.add_argument("--threshold", default=None, metavar="auto|FLOAT",
+                    help="iso-surface density, or auto: the level whose silhouette matches the NeRF's opacity (default)")
+    ex.add_argument("--texture", default=None, metavar="albedo|none",
+                    help="albedo: UV atlas and baked PNG texture (default); none: vertex colours only, as before")
 
     add_teacher_parser(sub)
     add_student_parsers(sub)
     add_app_parser(sub)
+    add_batch_parser(sub)
     return parser
 
 
 def _load_run(run_dir: str):
+    """A run folder's field as its checkpoint holds it, for `eval` and `export`. Nothing is written
+    here; a missing, damaged or unsafe config.yaml or last.pt is one error line naming the file
+    (GenerateConfig.load, pipelines.text_to_3d.read_checkpoint: weights_only=True)."""
     from .config import GenerateConfig
     from .io import RunFolderError
     from .pipelines.text_to_3d import TextTo3D
 
     path = Path(run_dir)
-    if not (path / "config.yaml").exists() or not (path / "checkpoints" / "last.pt").exists():
+    if not (path / "config.yaml").is_file() or not (path / "checkpoints" / "last.pt").is_file():
         raise RunFolderError(f"{path} is not a finished run folder (needs config.yaml and checkpoints/last.pt)")
     run = TextTo3D(GenerateConfig.load(path / "config.yaml"), path)
     run._init_state()
@@ -79,23 +96,25 @@ def _load_run(run_dir: str):
 
 
 def cmd_generate(args) -> int:
-    from .config import ConfigError, GenerateConfig, make_config, parse_overrides
-    from .pipelines.text_to_3d import default_run_dir, generate
+    from .config import ConfigError, make_config, parse_overrides
+    from .pipelines.text_to_3d import default_run_dir, generate, resumed_config
 
     overrides = dict(prompt=args.prompt, seed=args.seed, steps=args.steps, teacher=args.teacher, loss=args.loss,
                      guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, render_resolution=args.render_resolution,
                      batch_size=args.batch_size, encoding_backend=args.encoding_backend, device=args.device, elevation_range=args.elevation_range,
-                     distance_range=args.distance_range)
-    config = make_config(args.preset, explicit=parse_overrides(args.set), **overrides)
+                     distance_range=args.distance_range, precision=args.precision)
+    config = make_config(args.preset or "cpu-fast", explicit=parse_overrides(args.set), **overrides)
     out = Path(args.out) if args.out else default_run_dir(config)
     if args.resume and args.set:
         raise ConfigError("--set applies to new runs: a resumed run keeps the settings in its config.yaml (only --steps may extend it)")
-    if args.resume and (out / "config.yaml").exists():
-        # A resumed run keeps its saved settings; only --steps may extend it.
-        config = GenerateConfig.load(out / "config.yaml")
-        if args.steps is not None:
-            config.steps = args.steps
-        config.validate()
+    if args.resume:
+        # A resumed run keeps its config.yaml: --steps may extend it and --device, --encoding-backend,
+        # --precision move it; any other flag must repeat the run's own value (the prompt included), or
+        # the resume is refused (--preset too, when given).
+        asked = {name: value for name, value in overrides.items() if value is not None}
+        if args.preset is not None:
+            asked["preset"] = args.preset
+        config = resumed_config(out, asked)
     result = generate(config, out=out, overwrite=args.overwrite, resume=args.resume, show_progress=not args.quiet,
                       evaluate=not args.no_eval)
     print(f"run folder: {result.run_dir}")
@@ -116,14 +135,35 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _export_overrides(args) -> dict:
+    """The `export` flags given, as GenerateConfig fields (checked by GenerateConfig.validate)."""
+    threshold = args.threshold
+    if threshold is not None and threshold != "auto":
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            raise ValueError(f"--threshold must be auto or a density (a number > 0), got {threshold!r}") from None
+    formats = None if args.format is None else tuple(f.strip() for f in args.format.split(",") if f.strip())
+    values = {"export_formats": formats, "export_resolution": args.resolution, "export_faces": args.faces,
+              "export_texture_size": args.texture_size, "mesh_threshold": threshold, "export_texture": args.texture}
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def cmd_export(args) -> int:
+    import dataclasses
+
+    overrides = _export_overrides(args)
     run = _load_run(args.run_dir)
+    run.config = dataclasses.replace(run.config, **overrides).validate()
     for name, path in run.export().items():
         print(f"{name}: {path}")
     return 0
 
 
 # --- sds3d teacher ----------------------------------------------------------------------------
+
+PRECISION_HELP = "auto (default: bf16 autocast where the CPU runs bf16 natively, else fp32), fp32 or bf16"
+
 
 def add_teacher_parser(sub) -> None:
     """`sds3d teacher train|export|eval|sample`."""
@@ -137,6 +177,9 @@ def add_teacher_parser(sub) -> None:
                     help="JSON or YAML file of TrainConfig settings, e.g. a run's train_config.json (new runs; a resumed "
                          "run keeps its own); unknown or mistyped settings are refused")
     tr.add_argument("--threads", type=int, default=None)
+    tr.add_argument("--precision", default=None,
+                    help="auto (new runs' default: bf16 autocast where the CPU runs bf16 natively, else fp32), fp32 "
+                         "or bf16; a resumed run keeps its own unless this is given")
     tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="any TrainConfig setting (see a run's train_config.json), YAML values, dotted names for the "
                          "network, repeatable: --set batch_size=32 --set lr=5e-4 --set network.channels=[64,128,256]")
@@ -155,6 +198,7 @@ def add_teacher_parser(sub) -> None:
     ev.add_argument("--guidance", type=float, default=3.0)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--precision", default="auto", help=PRECISION_HELP)
     dest = ev.add_mutually_exclusive_group()
     dest.add_argument("--out", default=None,
                       help="write eval.json, a MODEL_CARD.md and eval_samples.png here, leaving the teacher folder as it is "
@@ -173,6 +217,7 @@ def add_teacher_parser(sub) -> None:
     sa.add_argument("--num-images", type=int, default=1)
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--negative-prompt", default=None)
+    sa.add_argument("--precision", default="auto", help=PRECISION_HELP + " (embedded teachers)")
     sa.add_argument("--out", default="outputs/teacher-samples", help="folder for the PNGs (existing files are never overwritten)")
 
 
@@ -211,12 +256,19 @@ def cmd_teacher(args) -> int:
     import torch
 
     from .io import atomic_write_text, save_image
+    from .precision import check_precision, describe_precision, resolve_precision
     from .teachers.embedded import EmbeddedTeacher
     from .training.teacher import TrainConfig, evaluate_teacher, export_teacher, train_teacher
 
     if args.teacher_command == "train":
         config = _config_from_args(args)
         run = Path(args.out)
+        if args.precision is not None:
+            check_precision(args.precision, "--precision")
+            if config is None:  # a resumed run keeps its settings but this one
+                saved = run / "train_config.json"
+                config = TrainConfig.from_dict(json.loads(saved.read_text())) if saved.exists() else TrainConfig()
+            config.precision = args.precision
         if config is None and not (run / "train_config.json").exists():
             config = TrainConfig()
         result = train_teacher(run, config, max_minutes=args.max_minutes, max_steps=args.max_steps)
@@ -241,6 +293,7 @@ def cmd_teacher(args) -> int:
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        check_precision(args.precision, "--precision")
         folder = ASSET_DIR if args.teacher in (None, "embedded") else Path(args.teacher)
         if not is_embedded_teacher_folder(folder):
             raise ValueError(f"{folder} is not an embedded teacher folder (no config.json of `sds3d teacher export`)")
@@ -262,9 +315,12 @@ def cmd_teacher(args) -> int:
         words += ["--samples-per-prompt", str(args.samples_per_prompt), "--steps", str(args.steps),
                   "--guidance", f"{args.guidance:g}", "--seed", str(args.seed)]
         words += (["--threads", str(args.threads)] if args.threads else [])
+        words += (["--precision", args.precision] if args.precision != "auto" else [])  # eval.json has the one used
         words += ["--out", args.out] if args.out else ["--write-into-teacher"] if args.write_into_teacher else []
         env = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ]
-        teacher = EmbeddedTeacher.load(folder, autocast_bf16=True)
+        # bf16 autocast only where the CPU runs it natively (issue #18: 28x slower than fp32 elsewhere)
+        teacher = EmbeddedTeacher.load(folder, autocast_bf16=resolve_precision(args.precision) == "bf16")
+        print(describe_precision(args.precision), file=sys.stderr, flush=True)
         record, images = evaluate_teacher(teacher, samples_per_prompt=args.samples_per_prompt, steps=args.steps,
                                           guidance=args.guidance, seed=args.seed)
         record = {"command": shlex.join(env + words), **record}
@@ -281,7 +337,8 @@ def cmd_teacher(args) -> int:
         return 0
     if args.teacher_command == "sample":
         paths, result, seconds = sample_teacher(args.prompt, args.teacher, args.solver, args.steps, args.guidance,
-                                                args.num_images, args.seed, args.negative_prompt, args.out, args.spacing)
+                                                args.num_images, args.seed, args.negative_prompt, args.out, args.spacing,
+                                                precision=args.precision)
         print(f"wrote {len(paths)} image(s) to {Path(args.out)}: {args.solver}, {args.steps} steps, "
               f"NFE {result.nfe}, {seconds:.2f} s")
         return 0
@@ -290,10 +347,11 @@ def cmd_teacher(args) -> int:
 
 def sample_teacher(prompt: str, teacher="embedded", solver: str = "ddim", steps: int = 25, guidance: float | None = None,
                    num_images: int = 1, seed: int = 0, negative_prompt: str | None = None,
-                   out: str | Path = "outputs/teacher-samples", spacing: str | None = None):
+                   out: str | Path = "outputs/teacher-samples", spacing: str | None = None, precision: str = "auto"):
     """Sample `num_images` images of one prompt and write them as PNGs into `out`, refusing to overwrite.
 
-    Returns (paths, SampleResult, seconds of sampling). `teacher` is a Teacher or a `load_teacher` spec;
+    Returns (paths, SampleResult, seconds of sampling). `teacher` is a Teacher or a `load_teacher` spec,
+    loaded to compute in `precision` (`sds3d.precision.resolve_precision`; embedded teachers);
     guidance defaults to 3 for the embedded teacher and 7.5 otherwise; spacing to the solver's own
     default. The embedded teacher's DDIM runs with its evaluation settings (clamped x0)."""
     import math
@@ -303,12 +361,14 @@ def sample_teacher(prompt: str, teacher="embedded", solver: str = "ddim", steps:
 
     from .diffusion.solvers import check_solver, sample
     from .io import save_image, slugify
-    from .teachers import load_teacher
+    from .precision import check_precision, describe_precision, resolve_precision
+    from .teachers import load_teacher, teacher_kind
     from .teachers.embedded import EMBEDDED_DDIM, EmbeddedTeacher
 
     if not str(prompt).strip():
         raise ValueError("prompt is empty: give the text to sample, e.g. 'a red cube'")
     check_solver(solver)
+    check_precision(precision, "--precision")
     if num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {num_images}")
     if guidance is not None and not math.isfinite(guidance):
@@ -320,7 +380,10 @@ def sample_teacher(prompt: str, teacher="embedded", solver: str = "ddim", steps:
         raise ValueError(f"{out} already holds {taken[0]} ({len(taken)} of {len(names)} files): "
                          "choose another --out or --seed; nothing was written")
     if isinstance(teacher, str):
-        teacher = load_teacher(teacher)
+        embedded_spec = teacher_kind(teacher) == "embedded"
+        teacher = load_teacher(teacher, autocast_bf16=resolve_precision(precision, warn=embedded_spec) == "bf16")
+        if embedded_spec:
+            print(describe_precision(precision), file=sys.stderr, flush=True)
     embedded = isinstance(teacher, EmbeddedTeacher)
     guidance = (3.0 if embedded else 7.5) if guidance is None else float(guidance)
     options = dict(EMBEDDED_DDIM) if embedded and solver == "ddim" else {}
@@ -352,6 +415,10 @@ def add_student_parsers(sub) -> None:
     di.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     di.add_argument("--overwrite", action="store_true", help="start again; the old folder is kept as NAME.old-N")
     di.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
+    di.add_argument("--precision", default=None,
+                    help="teacher and student compute on the CPU (embedded teachers): auto (new runs' default: bf16 "
+                         "autocast where the CPU runs bf16 natively, else fp32), fp32 or bf16; a resumed run keeps "
+                         "its own unless this is given")
     di.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a student setting (YAML value), e.g. --set lr=1e-4 --set options.sub_steps=3")
     sa = sub.add_parser("sample", help="sample images from a trained student into a PNG grid")
@@ -360,6 +427,7 @@ def add_student_parsers(sub) -> None:
     sa.add_argument("--nfe", type=int, default=None, help="network evaluations (default: the student's own)")
     sa.add_argument("--n", type=int, default=16, help="number of images")
     sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--precision", default="auto", help=PRECISION_HELP + " (embedded teachers)")
     sa.add_argument("--out", default=None, help="PNG file (default outputs/student-samples/<slug>-<method>-nfe<N>-seed<S>.png)")
 
 
@@ -372,7 +440,8 @@ def cmd_distill(args) -> int:
     if args.method not in METHODS:
         raise ValueError(f"unknown method {args.method!r}: allowed are {', '.join(METHODS)}")
     values = {"method": args.method, "teacher": args.teacher, "nfe": args.nfe}
-    for key, value in (("steps", args.steps), ("batch_size", args.batch), ("seed", args.seed)):
+    for key, value in (("steps", args.steps), ("batch_size", args.batch), ("seed", args.seed),
+                       ("precision", args.precision)):
         if value is not None:
             values[key] = value
     for key, value in parse_overrides(args.set).items():
@@ -388,6 +457,8 @@ def cmd_distill(args) -> int:
         saved = StudentConfig.from_dict(json.loads((out / STUDENT_FILE).read_text())["config"])
         if args.steps is not None:
             saved.steps = args.steps
+        if args.precision is not None:  # a machine's choice, not the model's: may change on resume
+            saved.precision = args.precision
         config = saved
     config.validate()
     method_cls = METHODS[config.method]
@@ -424,12 +495,14 @@ def cmd_sample(args) -> int:
 
     from .distill.students import METHODS, load_student
     from .io import save_image, slugify
+    from .precision import check_precision
 
     if not args.prompt.strip():
         raise ValueError("prompt is empty: give the text to sample, e.g. 'a red cube'")
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
-    student, method, meta = load_student(args.student, METHODS)
+    check_precision(args.precision, "--precision")
+    student, method, meta = load_student(args.student, METHODS, precision=args.precision)
     nfe = args.nfe or meta["nfe"]
     why = method.supported_nfe(nfe)
     if why:
@@ -478,21 +551,75 @@ def cmd_app(args) -> int:
     launch(host=args.host, port=args.port, share=args.share, out_root=args.out_root, max_runs=args.max_runs)
     return 0
 
+# --- sds3d batch ---------------------------------------------------------------------------------
+
+def add_batch_parser(sub) -> None:
+    """`sds3d batch PROMPTS_FILE`: one generate run per line (sds3d/pipelines/batch.py)."""
+    from .config import PRESETS
+
+    ba = sub.add_parser("batch", help="generate one asset per line of a prompt file, resumable, locally or on Ray",
+                        description="Lines: 'PROMPT' or 'PROMPT | FIELD=VALUE ...' (generate's --set names, plus "
+                                    "preset); # comments and blank lines are ignored. Every line is checked "
+                                    "before any run starts.")
+    ba.add_argument("prompts_file", help="e.g. prompts/world-smoke.txt")
+    ba.add_argument("--out", default=None, help="batch folder (default outputs/batches/<file name>)")
+    ba.add_argument("--workers", type=int, default=1, help="lines run at a time (default 1)")
+    ba.add_argument("--threads", type=int, default=None,
+                    help="CPU threads per run (default: this machine's cores divided by --workers)")
+    ba.add_argument("--preset", default="cpu-fast", help=f"one of {', '.join(PRESETS)} (default cpu-fast; a line may set preset=)")
+    ba.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                    help="run each line as a Ray task: on the cluster at ADDRESS (HOST:PORT, ray://HOST:PORT or auto), "
+                         "or on a local Ray instance when no address is given")
+    ba.add_argument("--resume", action="store_true",
+                    help="finish the batch in --out: skip done lines, continue interrupted and failed ones")
+    ba.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a setting for every line (a line's own settings win), as generate --set")
+
+
+def cmd_batch(args) -> int:
+    from .config import PRESETS, parse_overrides
+    from .pipelines.batch import run_batch, summary_table
+
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}: allowed are {', '.join(PRESETS)}")
+    log = lambda text: print(text, flush=True)  # noqa: E731  (progress reaches a file or a pipe as it happens)
+    try:
+        result = run_batch(args.prompts_file, out=args.out, workers=args.workers, resume=args.resume,
+                           preset=args.preset, set_items=parse_overrides(args.set), threads=args.threads,
+                           ray_address=None if args.ray == "local" else args.ray, use_ray=args.ray is not None, log=log)
+    except KeyboardInterrupt:
+        print("interrupted: running lines stopped with a checkpoint; finish with: sds3d batch "
+              f"{args.prompts_file} --resume" + (f" --out {args.out}" if args.out else ""), file=sys.stderr)
+        return 130
+    print(summary_table(result.records))
+    print(f"batch folder: {result.batch_dir} (index.html, manifest.jsonl)")
+    if result.interrupted:
+        return 130
+    if result.failed:
+        print(f"{len(result.failed)} of {len(result.records)} line(s) failed: see the table above; "
+              "rerun them with --resume", file=sys.stderr)
+        return 1
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
+    from .threads import configure_openmp
+
+    configure_openmp()  # before torch loads: OpenMP threads that yield a shared core (sds3d/threads.py)
     args = build_parser().parse_args(argv)
     handlers = {"generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "teacher": cmd_teacher,
-                "distill": cmd_distill, "sample": cmd_sample, "app": cmd_app}
+                "distill": cmd_distill, "sample": cmd_sample, "app": cmd_app, "batch": cmd_batch}
     try:
         return handlers[args.command](args)
     except (ValueError, RuntimeError, FloatingPointError, OSError) as error:
         from .io import RunFolderError
 
+        from .pipelines.batch import BatchError
         from .teachers.diffusers import TeacherLoadError
         from .teachers.embedded import TeacherWeightsError
 
         user_errors = (ValueError, RunFolderError, TeacherWeightsError, TeacherLoadError, FloatingPointError,
-                       FileNotFoundError, PermissionError)
+                       FileNotFoundError, PermissionError, BatchError)
         if not isinstance(error, user_errors):
             raise
         print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,10 @@ class GenerateConfig:
     hidden_dim: int = 64
     encoding_backend: str = "auto"  # "auto" (tcnn on CUDA, the fused C++ op on CPU), "cpp", "torch" or "tcnn"
     device: str = "auto"  # where the field trains: "auto" (CUDA when there, but the oracle is CPU-only), "cpu", "cuda"
+    # the embedded teacher's CPU compute: "auto" (fp32 in the NeRF loop, see make_teacher), "fp32" or "bf16" autocast
+    precision: str = "auto"
+    # fit torch's CPU threads to the cores other processes leave free, between steps (sds3d/threads.py)
+    adapt_threads: bool = True
     blob_density: float = 10.0
     blob_radius: float = 0.5
     occupancy_resolution: int = 32
@@ -96,18 +101,24 @@ class GenerateConfig:
     preview_every: int = 100
     checkpoint_every: int = 200
     export_resolution: int = 128
-    mesh_threshold: float | str = "auto"  # density of the exported isosurface, or "auto" (Otsu on log density)
+    mesh_threshold: float | str = "auto"  # density of the exported isosurface, or "auto" (matches the opacity silhouette)
     export_formats: tuple[str, ...] = ("glb", "obj", "ply")
+    export_faces: int = 20000  # triangle budget of the exported mesh (quadric decimation)
+    export_texture: str = "albedo"  # "albedo": UV atlas + baked PNG texture; "none": vertex colours only
+    export_texture_size: int = 1024  # texture side in texels (a power of two)
+    export_roughness: float = 0.9  # PBR roughness of the GLB/MTL material (metallic is 0): matte, like the training shading
     turntable_frames: int = 48
     turntable_resolution: int = 128
 
     def validate(self) -> "GenerateConfig":
         """The config itself, or ConfigError with one line naming the first bad field and what it allows.
 
-        Types first (a config built in code skips from_dict's checks), then ranges."""
+        Types first (a config built in code skips from_dict's checks), then ranges. A value that fits
+        its type after the reader's conversion (a whole float for an int, a list for a tuple) is
+        stored converted, so that nothing downstream sees a float seed or step count."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            check_value(getattr(self, f.name), hints[f.name], f.name)
+            setattr(self, f.name, check_value(getattr(self, f.name), hints[f.name], f.name))
 
         def need(ok: bool, name: str, allowed: str):
             if not ok:
@@ -131,7 +142,10 @@ class GenerateConfig:
              "must be null (the pipeline's native size) or >= 8 (Stable Diffusion: 512)")
         need(self.encoding_backend in ("auto", "cpp", "torch", "tcnn"), "encoding_backend",
              "allowed are auto, cpp, torch, tcnn")
-        need(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", "allowed are auto, cpu, cuda[:N]")
+        need(self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device) is not None, "device",
+             "allowed are auto, cpu, cuda[:N]")
+        need(self.preset in PRESETS, "preset", f"allowed are {', '.join(PRESETS)}")
+        need(self.precision in ("auto", "fp32", "bf16"), "precision", "allowed are auto, fp32, bf16")
         need(not (self.teacher == "oracle" and self.device.startswith("cuda")), "device",
              "the oracle teacher runs on the CPU: use device auto or cpu with it")
         need(isinstance(self.teacher, str) and self.teacher.strip() != "", "teacher",
@@ -153,6 +167,8 @@ class GenerateConfig:
         for name in ("elevation_range", "azimuth_range", "distance_range", "fovy_range"):
             lo, hi = getattr(self, name)
             need(lo <= hi, name, "need low <= high")
+        need(-90.0 <= self.elevation_range[0] and self.elevation_range[1] <= 90.0, "elevation_range",
+             "elevations are degrees in [-90, 90]")
         need(self.distance_range[0] > 1.8, "distance_range", "cameras must stay outside the scene box: distance > 1.8")
         need(0 < self.fovy_range[0] and self.fovy_range[1] < 120, "fovy_range", "field of view in (0, 120) degrees")
         # Sizes and counts that otherwise fail only when the run reaches them (types are checked by from_dict).
@@ -160,6 +176,11 @@ class GenerateConfig:
         need(self.turntable_frames >= 1, "turntable_frames", "must be >= 1 (frames of the turntable video)")
         need(self.turntable_resolution >= 8, "turntable_resolution", "must be >= 8")
         need(self.export_resolution >= 8, "export_resolution", "must be >= 8 (marching-cubes grid points per side)")
+        need(self.export_faces >= 100, "export_faces", "the face budget (--faces) must be at least 100 triangles")
+        need(self.export_texture in ("albedo", "none"), "export_texture", "allowed are albedo, none (--texture)")
+        need(self.export_texture_size in tuple(2 ** k for k in range(6, 14)), "export_texture_size",
+             "the texture size (--texture-size) must be a power of two from 64 to 8192")
+        need(0.0 <= self.export_roughness <= 1.0, "export_roughness", "must be in [0, 1] (PBR roughness)")
         need(self.teacher_resolution >= 8, "teacher_resolution", "must be >= 8")
         need(self.oracle_views_per_bucket >= 1, "oracle_views_per_bucket", "must be >= 1")
         need(self.occupancy_resolution >= 1 and self.occupancy_update_every >= 1, "occupancy_resolution",
@@ -191,13 +212,27 @@ class GenerateConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "GenerateConfig":
+        """A run's config.yaml, read strictly and validated: any problem is one ConfigError line that
+        names the file and what is wrong (not YAML, not text, a mistyped or out-of-range value)."""
         try:
-            values = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"cannot read config {path}: {error}") from None
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {path} is not a text file (not UTF-8): it is damaged or not a config.yaml") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"config {path} is not valid YAML ({problem}{where})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config {path} is not a mapping of field: value")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values).validate()
+        except ConfigError as error:
+            raise ConfigError(f"config {path}: {error}") from None
 
 
 LOSSES = ("sds", "vsd", "nfsd")
@@ -221,7 +256,7 @@ PRESETS: dict[str, dict] = {
     "cpu-quality": {"steps": 1600, "num_samples": 64, "export_resolution": 192},
     "smoke": {"steps": 20, "render_resolution": 32, "num_samples": 24, "batch_size": 1, "preview_every": 10,
               "checkpoint_every": 10, "export_resolution": 48, "turntable_frames": 4, "turntable_resolution": 32,
-              "oracle_views_per_bucket": 8, "teacher_resolution": 32},
+              "oracle_views_per_bucket": 8, "teacher_resolution": 32, "export_texture_size": 256},
     "gpu-sd": {**_GPU_COMMON, "steps": 10000, "loss": "sds", "guidance_scale": 100.0, "t_max_end": None},
     "gpu-vsd": {**_GPU_COMMON, "steps": 25000, "loss": "vsd", "guidance_scale": 7.5, "t_max_end": 0.5,
                 "lora_rank": 4, "lora_lr": 1e-4, "camera_drop_prob": 0.1, "render_resolution": 128},

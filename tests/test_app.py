@@ -290,7 +290,8 @@ def test_students_tab_compares_a_student_with_its_teacher_from_the_same_noise(se
 
 def test_the_launcher_serves_the_page_on_loopback_only(tmp_path):
     """`python apps/gradio_app.py` (= `sds3d app`) binds 127.0.0.1 by default and serves the page; a bad
-    port is one error line."""
+    port is one error line. Asked for `--share` where Gradio's tunnel cannot be set up (no internet,
+    as here and in CI), it keeps serving locally and says so in one line."""
     import subprocess
     import sys
 
@@ -304,8 +305,13 @@ def test_the_launcher_serves_the_page_on_loopback_only(tmp_path):
     port = free_port()
     launcher = Path(__file__).resolve().parents[1] / "apps" / "gradio_app.py"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    process = subprocess.Popen([sys.executable, str(launcher), "--port", str(port), "--out-root", str(tmp_path / "out")],
+    process = subprocess.Popen([sys.executable, str(launcher), "--port", str(port), "--out-root", str(tmp_path / "out"),
+                                "--share"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    lines: list[str] = []
+    import threading
+
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
     try:
         deadline, page = time.time() + 120, None
         while time.time() < deadline and process.poll() is None:
@@ -318,9 +324,16 @@ def test_the_launcher_serves_the_page_on_loopback_only(tmp_path):
         assert "sds3d" in page.text
         listening = _listening_addresses(port)  # bound to the loopback address only
         assert listening and all(address.startswith("127.") for address in listening), listening
+        while time.time() < deadline and not any("share link" in line for line in lines):
+            time.sleep(0.2)  # Gradio tries its tunnel after the local server is up
     finally:
         process.terminate()
         process.wait(timeout=30)
+    said = [line.rstrip("\n") for line in lines if "share link" in line and line.startswith("sds3d app:")]
+    assert len(said) == 1, "".join(lines)
+    assert said[0].startswith("sds3d app: public share link https://") or \
+        said[0] == f"sds3d app: no public share link (Gradio could not set up its tunnel: no internet here?); " \
+                   f"serving on http://127.0.0.1:{port} only", said
 
 
 def _listening_addresses(port: int) -> list[str]:

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sds3d"
 
 # Lowest first. One entry per layer; packages in the same entry are peers.
 LAYERS: list[tuple[str, ...]] = [
-    ("io", "settings"),
+    ("io", "settings", "precision", "threads"),
     ("geometry", "diffusion"),
     ("world", "nerf"),
     ("teachers", "eval"),

@@ -12,6 +12,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -51,7 +52,9 @@ def test_shipped_teacher_draws_what_it_is_asked():
     nearest-view RMSE median 0.072. A linear schedule in place of the cosine one gives category
     0.56 and RMSE 0.23; treating the v-prediction output as eps gives RMSE 0.107."""
     assert set(FAST_PROMPTS) <= set(world_txt_prompts())
-    teacher = EmbeddedTeacher.load(autocast_bf16=True)
+    from sds3d.precision import resolve_precision
+
+    teacher = EmbeddedTeacher.load(autocast_bf16=resolve_precision("auto", "cpu", warn=False) == "bf16")
     prompts = [p for p in FAST_PROMPTS for _ in range(2)]
     images = ddim_sample(teacher, teacher.encode_prompt(prompts), 10, 3.0,
                          torch.Generator().manual_seed(0), **EMBEDDED_DDIM).images
@@ -213,7 +216,8 @@ def test_teacher_eval_progress_reaches_a_pipe_while_it_runs(exported, tmp_path):
     shutil.copytree(exported, folder)
     proc = subprocess.Popen([sys.executable, "-m", "sds3d", "teacher", "eval", "--teacher", str(folder),
                              "--samples-per-prompt", "2", "--steps", "4", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
     try:
         first = proc.stdout.readline()
         running = proc.poll() is None

@@ -120,10 +120,10 @@ class TeacherCache:
     @staticmethod
     def key(config: GenerateConfig) -> tuple:
         """What makes two configs' teachers differ: the oracle's options (its bank of renders), a
-        diffusers teacher's VAE resolution, and for all the spec and the device."""
+        diffusers teacher's VAE resolution, and for all the spec, the device and the precision."""
         from ..teachers import teacher_kind
 
-        base = (config.teacher, str(run_device(config)))
+        base = (config.teacher, str(run_device(config)), config.precision)
         kind = teacher_kind(config.teacher)
         if kind == "oracle":
             return base + (config.teacher_resolution, config.oracle_views_per_bucket, config.elevation_range,

@@ -2,7 +2,8 @@
 contact sheet of previews and its metrics table.
 
 Everything here reads the folders `sds3d generate` writes (see sds3d/pipelines/text_to_3d.py); the
-only file it adds is `contact_sheet.png`, derived from `previews/` and written atomically.
+only file it adds is `previews_sheet.png`, derived from `previews/` and written atomically (the run's own
+`contact_sheet.png`, 8 views beside the ground truth, is written by `generate`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from .paths import OutsideRootError, inside_root
 
 PREVIEW_RE = re.compile(r"^step-(\d+)\.png$")
 # Files offered for download, in this order, when the run has them.
-DOWNLOADS = ("mesh.glb", "mesh.obj", "mesh.ply", "turntable.mp4", "config.yaml")
-CONTACT_SHEET = "contact_sheet.png"
+DOWNLOADS = ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "mesh.ply", "turntable.mp4", "config.yaml")
+CONTACT_SHEET = "previews_sheet.png"
 SHEET_ROWS = 8
 
 
@@ -155,7 +156,7 @@ def thumbnail_array(summary: RunSummary) -> np.ndarray | None:
 
 
 def contact_sheet(run_dir: Path, rows: int = SHEET_ROWS) -> Path | None:
-    """`contact_sheet.png`: up to `rows` saved previews evenly spread over the run (the last always
+    """`previews_sheet.png`: up to `rows` saved previews evenly spread over the run (the last always
     among them), one per row with its step written on the left; rebuilt when a preview is newer.
     None when the run has no preview yet."""
     shots = previews(run_dir)

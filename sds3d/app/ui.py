@@ -69,10 +69,10 @@ class Panel:
             self.video = gr.Video(label="turntable", elem_id=f"{prefix}-video", autoplay=True, loop=True,
                                   interactive=False, height=360)
         with gr.Row():
-            self.sheet = gr.Image(label="previews over the run (contact sheet)", type="filepath", interactive=False,
+            self.sheet = gr.Image(label="contact sheet: 8 views (ground truth below), or the previews so far", type="filepath", interactive=False,
                                   elem_id=f"{prefix}-sheet")
             self.metrics = gr.Markdown("", elem_id=f"{prefix}-metrics")
-        self.files = gr.File(label="downloads: GLB, OBJ, PLY, MP4, config.yaml", file_count="multiple",
+        self.files = gr.File(label="downloads: GLB, OBJ (+ MTL, PNG texture), PLY, MP4, config.yaml", file_count="multiple",
                              interactive=False, elem_id=f"{prefix}-files")
         with gr.Accordion("run summary (JSON)", open=False):
             self.summary = gr.JSON(elem_id=f"{prefix}-summary")
@@ -132,7 +132,8 @@ class SDS3DApp:
         if summary is None:
             return Panel.values(status=message, progress=progress_html(text=state), clear=True, run=None,
                                 resume=gr.update(visible=False), summary={"state": state, "message": message})
-        sheet = contact_sheet(run_dir)
+        # generate's 8 views above the ground truth once the run is done, else the previews so far
+        sheet = run_dir / "contact_sheet.png" if (run_dir / "contact_sheet.png").is_file() else contact_sheet(run_dir)
         files = summary.files
         info = {"run": summary.name, "state": state, "message": message, "prompt": summary.prompt,
                 "seed": summary.seed, "steps": summary.steps, "step": summary.step, "status": summary.status,
@@ -507,5 +508,11 @@ def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, out_r
     demo = app.build()
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(app.root)],
-                prevent_thread_lock=not block, show_error=False, quiet=not block)
+                prevent_thread_lock=True, show_error=False, quiet=not block)
+    if share:  # Gradio keeps serving locally when its tunnel cannot be set up (offline): say which it is
+        print(f"sds3d app: public share link {demo.share_url}" if demo.share_url else
+              "sds3d app: no public share link (Gradio could not set up its tunnel: no internet here?); "
+              f"serving on http://{host}:{port} only", flush=True)
+    if block:
+        demo.block_thread()
     return demo

@@ -41,7 +41,8 @@ def load_teacher(spec: str = "embedded", device: str | torch.device = "cpu", *, 
 
     `oracle_options` go to `OracleTeacher` (resolution, views per bucket, camera ranges, camera
     sigma); `vae_resolution` (None: the pipeline's native size) to a diffusers teacher;
-    `autocast_bf16` to the embedded network. Failures a user can fix raise one-line errors
+    `autocast_bf16` to the embedded network (decide it with `sds3d.precision.resolve_precision`:
+    bf16 only pays on CPUs with native bf16). Failures a user can fix raise one-line errors
     (TeacherWeightsError, TeacherLoadError)."""
     kind = teacher_kind(spec)
     if kind == "oracle":

@@ -262,13 +262,47 @@ def resolve_spec(spec: str) -> tuple[str, bool, dict | None]:
     return spec, False, None
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or None when a TCP connection to it opens.
+
+    One connection attempt of at most `timeout` seconds to HF_ENDPOINT's host (huggingface.co), or to
+    the proxy that HTTPS_PROXY / ALL_PROXY names for it (urllib's reading of the environment). Without
+    it, a machine with no network spends ~30 s in huggingface_hub's retries (five, backing off 1-8 s)
+    before the same answer; a DNS failure or a refused connection is the answer at once."""
+    import socket
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    target = urlsplit(os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co")
+    proxies = getproxies()
+    proxy = proxies.get(target.scheme) or proxies.get("all")
+    via = target
+    if proxy and not proxy_bypass(target.hostname or ""):
+        via = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host = via.hostname or "huggingface.co"
+    port = via.port or (443 if via.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        return f"{host}:{port} cannot be reached: {error.strerror or str(error) or type(error).__name__}"
+    return None
+
+
 def _hub_model_index(repo_id: str) -> tuple[dict, bool]:
     """model_index.json of a hub pipeline, from the local cache when it is there (no network, no retries), else
-    from the hub unless HF_HUB_OFFLINE is set. Returns (index, found in cache)."""
+    from the hub unless HF_HUB_OFFLINE is set or the hub cannot be reached (`hub_unreachable`: one connection
+    attempt, not huggingface_hub's half minute of retries). Returns (index, found in cache)."""
     from diffusers import DiffusionPipeline
 
     offline = hub_offline()
+    hint = (f"download the weights first (`hf download {repo_id}`; cached weights load with HF_HUB_OFFLINE=1) "
+            f"or give a local diffusers folder")
     for local_only in ((True,) if offline else (True, False)):
+        if not local_only:
+            unreachable = hub_unreachable()
+            if unreachable:
+                raise TeacherLoadError(f"cannot fetch teacher {repo_id!r}: it is not in the local Hugging Face cache "
+                                       f"and the hub is out of reach (no network? {unreachable}): {hint}")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # diffusers passes hf_hub_download a deprecated argument
@@ -276,10 +310,18 @@ def _hub_model_index(repo_id: str) -> tuple[dict, bool]:
         except Exception as error:  # noqa: BLE001 - huggingface_hub raises OSError, HTTP or value errors alike
             last = error
     reason = ("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache" if offline else
-              f"not in the local cache, and the hub did not answer: no network, no such repository, or a gated model "
+              f"not in the local cache, and the hub did not answer: no such repository, or a gated model "
               f"without a token ({_first_line(last)})")
-    raise TeacherLoadError(f"cannot fetch teacher {repo_id!r} ({reason}): download the weights first "
-                           f"(`hf download {repo_id}`; cached weights load with HF_HUB_OFFLINE=1) or give a local diffusers folder")
+    raise TeacherLoadError(f"cannot fetch teacher {repo_id!r} ({reason}): {hint}")
+
+
+def check_teacher_spec(spec: str) -> None:
+    """The checks of a diffusers teacher that cost no weights: a local folder has model_index.json; a hub id is
+    in the local cache, or (HF_HUB_OFFLINE unset) the hub answers and has it. TeacherLoadError with one line,
+    at once, otherwise; `sds3d generate` calls it before any run folder is made."""
+    where, local, _ = resolve_spec(str(spec).strip())
+    if not local:
+        _hub_model_index(where)
 
 
 def load_diffusers_teacher(spec: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -311,6 +353,11 @@ def load_diffusers_teacher(spec: str | Path, device: str | torch.device | None =
     if cached and not hub_offline():
         attempts.append(False)  # model_index.json was cached but not every weight file: download the rest
     for i, local_only in enumerate(attempts):
+        unreachable = None if local_only else hub_unreachable()
+        if unreachable:
+            raise TeacherLoadError(f"cannot load diffusers teacher {spec}: some of its files are not in the local "
+                                   f"Hugging Face cache and the hub is out of reach (no network? {unreachable}): "
+                                   f"download the weights first (`hf download {where}`) or give a local diffusers folder")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

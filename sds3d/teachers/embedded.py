@@ -50,6 +50,9 @@ class EmbeddedTeacher:
 
     cond / uncond in `Cond` are (B, 384) sentence embeddings; the unconditional embedding is that
     of the empty caption (what training's caption dropout used) or of the negative prompt.
+    `autocast_bf16` runs the network under CPU bf16 autocast (inputs and outputs stay fp32; eps
+    differs from fp32 by about 1% relative, tests/test_precision.py): worth it only on CPUs with
+    native bf16, which `sds3d.precision.resolve_precision` decides.
     """
 
     channels = 3

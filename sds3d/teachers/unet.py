@@ -55,6 +55,19 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` for a 1x1 convolution, as one batched matrix product per image.
+
+    The same function as the layer, and the same weights; but oneDNN's 1x1 convolution rounds
+    differently at one thread and at several, so a run's result would depend on how many threads it
+    got (`sds3d batch --workers N` gives each run a share of the cores). torch's batched matmul
+    gives the same bits at 1 and 2 threads (tests/test_thread_invariance.py)."""
+    b, c, h, w = x.shape
+    weight = conv.weight.flatten(1)  # (out, in)
+    out = torch.baddbmm(conv.bias[None, :, None].expand(b, -1, h * w), weight.expand(b, -1, -1), x.flatten(2))
+    return out.view(b, -1, h, w)
+
+
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, emb_dim: int, groups: int):
         super().__init__()
@@ -72,7 +85,7 @@ class ResBlock(nn.Module):
         scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(F.silu(h))
-        return self.skip(x) + h
+        return (conv1x1(self.skip, x) if isinstance(self.skip, nn.Conv2d) else x) + h
 
 
 class SelfAttention(nn.Module):
@@ -87,9 +100,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        qkv = conv1x1(self.qkv, self.norm(x))
+        q, k, v = qkv.reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
         a = F.scaled_dot_product_attention(q, k, v)  # (b, heads, hw, d)
-        return x + self.out(a.transpose(-1, -2).reshape(b, c, h, w))
+        return x + conv1x1(self.out, a.transpose(-1, -2).reshape(b, c, h, w))
 
 
 class LeanUNet(nn.Module):

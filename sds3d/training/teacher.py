@@ -7,7 +7,9 @@ model of world renders, trained by the shared loop (`sds3d.training.loop`).
 
 What makes it cheap on a CPU (compare with benchmarks/teacher_train_speed.py and
 benchmarks/teacher_short_runs.py): a lean full-resolution UNet (32/64/128 channels; a 2x2 patchify
-stem learned slower per step), bf16 autocast where the CPU runs bf16 natively (AMX, AVX512_BF16),
+stem learned slower per step), bf16 autocast where the CPU runs bf16 natively (AMX, AVX512_BF16;
+`precision="auto"`, decided by `sds3d.precision.resolve_precision`: elsewhere bf16 is emulated and
+many times slower than fp32, issue #18),
 v-prediction on a cosine schedule (zero terminal SNR: the model learns the white background at
 t = T instead of drifting, which eps-prediction on the linear schedule did), min-SNR-gamma loss
 weights, stratified timesteps, linear warm-up then cosine decay, EMA weights for sampling.
@@ -34,6 +36,7 @@ from ..eval.classifier import is_held_out_prompt, score_samples
 from ..eval.fd import fd_world
 from ..geometry.cameras import unit_directions
 from ..io import atomic_save_torch, atomic_write_text, save_image
+from ..precision import PRECISIONS, cpu_capability, describe_precision, read_cpuinfo, resolve_precision
 from ..settings import ConfigError, check_value, dataclass_from_dict
 from ..teachers.embedded import EMBEDDED_DDIM, EmbeddedTeacher
 from ..teachers.text import TextEncoder
@@ -43,6 +46,9 @@ from ..world.dataset import COLOR_NAMES, CaptionTable, RenderSpec, canonical_phr
 from ..world.prompts import resolve_prompt, world_prompts, world_txt_prompts
 from ..world.scenes import CATEGORIES, all_scenes
 from .loop import CHECKPOINT, DataOrder, LoopConfig, TrainingLoop, step_generator
+
+
+PRECISION_LOG = "precision.jsonl"  # one row per training session: its first step and precision
 
 
 @dataclass
@@ -75,7 +81,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
     ema_decay: float = 0.9995
-    precision: str = "bf16"  # 'bf16' (autocast; needs a CPU with bf16, best with AMX) | 'fp32'
+    # 'auto' (bf16 autocast where the CPU runs bf16 natively, else fp32: sds3d.precision) | 'bf16' | 'fp32';
+    # the precision each training session used is recorded in the run's precision.jsonl
+    precision: str = "auto"
     threads: int | None = None
     # bookkeeping
     log_every: int = 25
@@ -123,7 +131,7 @@ class TrainConfig:
 
         need(self.prediction_type in ("epsilon", "sample", "v_prediction"), "prediction_type",
              "allowed are epsilon, sample, v_prediction")
-        need(self.precision in ("bf16", "fp32"), "precision", "allowed are bf16, fp32")
+        need(self.precision in PRECISIONS, "precision", f"allowed are {', '.join(PRECISIONS)}")
         need(self.num_train_timesteps >= 2, "num_train_timesteps", "must be >= 2")
         make_schedule(self.schedule, self.num_train_timesteps)  # its ValueError names the allowed schedules
         need(self.views_per_scene >= 1, "views_per_scene", "must be >= 1")
@@ -200,7 +208,7 @@ class TeacherTrainer:
                 diff = {k for k, v in config.to_dict().items() if stored.to_dict().get(k) != v}
                 # Bookkeeping may change between sessions; what shapes the trained model may not.
                 allowed = {"threads", "log_every", "checkpoint_every", "checkpoint_minutes", "eval_every",
-                           "eval_prompts", "eval_steps", "eval_guidance", "total_steps"}
+                           "eval_prompts", "eval_steps", "eval_guidance", "total_steps", "precision"}
                 if diff - allowed:
                     raise RuntimeError(f"{saved_config} differs from the given settings in {', '.join(sorted(diff - allowed))}: "
                                        f"resume with the saved settings or train into a new --out")
@@ -210,6 +218,7 @@ class TeacherTrainer:
         cfg = self.config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.precision = resolve_precision(cfg.precision, warn=False)  # "fp32" | "bf16": what this session computes in
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved_config, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
@@ -278,7 +287,7 @@ class TeacherTrainer:
         t = stratified_timesteps(b, cfg.num_train_timesteps, generator)
         noise = torch.randn(x0.shape, generator=generator)
         x_t = self.schedule.add_noise(x0, noise, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.model(x_t, t, text, camera)
         out = out.float()
         if cfg.prediction_type == "epsilon":
@@ -318,7 +327,7 @@ class TeacherTrainer:
         table = dict(zip(self.captions.texts, self.text_table))
         encoder = self.text_encoder or TextEncoder(table=table)
         return EmbeddedTeacher(self.ema if use_ema else self.model, self.schedule, self.config.prediction_type,
-                               text_encoder=encoder, autocast_bf16=self.config.precision == "bf16",
+                               text_encoder=encoder, autocast_bf16=self.precision == "bf16",
                                meta={"schedule": self.config.schedule})
 
     def evaluate(self) -> dict:
@@ -337,8 +346,23 @@ class TeacherTrainer:
             f.write(json.dumps(result) + "\n")
         return result
 
+    def precisions_used(self) -> list[str]:
+        """The precisions the run's training sessions computed in (precision.jsonl), first use first."""
+        path = self.out_dir / PRECISION_LOG
+        rows = [json.loads(r) for r in path.read_text().splitlines() if r.strip()] if path.exists() else []
+        return list(dict.fromkeys(r["precision"] for r in rows))
+
     def train(self, max_minutes: float | None = None, max_steps: int | None = None) -> dict:
-        """Train with the shared loop; evaluates every `eval_every` steps into eval.jsonl."""
+        """Train with the shared loop; evaluates every `eval_every` steps into eval.jsonl. The
+        precision of this session goes to the log and, with the step it starts at, to precision.jsonl
+        (a run resumed on another machine may compute in another precision)."""
+        resolve_precision(self.config.precision)  # one warning line for bf16 on a CPU without it
+        self.log(describe_precision(self.config.precision))
+        model, _ = read_cpuinfo()
+        with open(self.out_dir / PRECISION_LOG, "a") as f:
+            f.write(json.dumps({"step": self.step, "precision": self.precision, "requested": self.config.precision,
+                                "cpu": model, "capability": cpu_capability()}) + "\n")
+
         def evaluate():
             result = self.evaluate()
             self.log(f"eval step {self.step}: category {result['category']:.2f} color {result['color']:.2f} "
@@ -357,6 +381,8 @@ class TeacherTrainer:
         meta = {"schedule": self.config.schedule, "resolution": self.config.network.resolution,
                 "training": {"steps": self.step, "train_minutes": round(self.train_seconds / 60, 1),
                              "config": self.config.to_dict()}}
+        if self.precisions_used():  # what "auto" became on the machines that trained it
+            meta["training"]["precision"] = " then ".join(self.precisions_used())
         evals = self.out_dir / "eval.jsonl"
         if evals.exists():
             rows = [json.loads(r) for r in evals.read_text().splitlines() if r]
@@ -409,7 +435,7 @@ def write_model_card(folder: str | Path, out: str | Path | None = None) -> Path:
         train_text = (
             f"- **Training**: AdamW lr {cfg.get('lr')} (warm-up {cfg.get('warmup_steps')} steps, cosine decay over "
             f"{cfg.get('total_steps')}),\n  batch {cfg.get('batch_size')}, min-SNR-gamma {cfg.get('min_snr_gamma')}, "
-            f"EMA {cfg.get('ema_decay')}, {cfg.get('precision')} precision, seed {cfg.get('seed')};\n"
+            f"EMA {cfg.get('ema_decay')}, {training.get('precision', cfg.get('precision'))} precision, seed {cfg.get('seed')};\n"
             f"  {training.get('steps')} steps, {training.get('train_minutes')} min of training "
             f"({cfg.get('threads') or 'all'} CPU threads). To train it again: save the \"config\" under\n"
             f"  \"training\" in config.json as FILE and run `sds3d teacher train --out RUN --config FILE "
@@ -529,7 +555,9 @@ def evaluate_teacher(teacher: EmbeddedTeacher, prompts: list[str] | None = None,
     Returns (record, images). `record` is what eval.json holds: "metrics", and everything that
     produced them (sampler settings, seed, sample counts, seconds, CPU, torch version, threads,
     the weights' sha256), so that the model card quotes reproducible figures. Progress goes to
-    `log` (default: print, flushed, so it shows when stdout is a file or a pipe)."""
+    `log` (default: print, flushed, so it shows when stdout is a file or a pipe): the plan, the
+    measured first DDIM step with the sampling time it implies (a precision that runs slowly on
+    this CPU shows within seconds, not after a batch), a line per batch, then the scores."""
     import os
     import platform
     from functools import partial
@@ -546,10 +574,20 @@ def evaluate_teacher(teacher: EmbeddedTeacher, prompts: list[str] | None = None,
         f"DDIM-{steps}, guidance {guidance}, seed {seed}, {torch.get_num_threads()} threads")
     gen = torch.Generator().manual_seed(seed)
     images = []
-    for i in range(0, len(todo), batch_size):
+    batches = -(-len(todo) // batch_size)
+
+    def first_step(i, t, x):  # after the first DDIM step of the first batch: what the whole will take
+        if i == 0:
+            seconds = time.time() - batch_start
+            log(f"first DDIM step of batch 1/{batches}: {seconds:.2f} s, so about "
+                f"{seconds * steps * len(todo) / x.shape[0] / 60:.1f} min of sampling")
+
+    for b, i in enumerate(range(0, len(todo), batch_size)):
         chunk = todo[i:i + batch_size]
-        images.append(ddim_sample(teacher, teacher.encode_prompt(chunk), steps, guidance, gen, **EMBEDDED_DDIM).images)
-        log(f"sampled {i + len(chunk)}/{len(todo)} ({time.time() - start:.0f} s)")
+        batch_start = time.time()
+        images.append(ddim_sample(teacher, teacher.encode_prompt(chunk), steps, guidance, gen, **EMBEDDED_DDIM,
+                                  callback=first_step if b == 0 else None).images)
+        log(f"sampled {i + len(chunk)}/{len(todo)} (batch {b + 1}/{batches}, {time.time() - start:.0f} s)")
     images = torch.cat(images)
     sample_seconds = time.time() - start
     metrics = {**score_samples(images, todo), "held_out_prompts": len(held),
@@ -573,17 +611,7 @@ def evaluate_teacher(teacher: EmbeddedTeacher, prompts: list[str] | None = None,
         log(f"FD_world: samples vs real {metrics['fd_world_samples_vs_real']:.3f}, "
             f"real vs real {metrics['fd_world_real_vs_real']:.3f} ({fd_seconds:.0f} s)")
 
-    cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                cpu = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass  # not Linux: platform's answer stands
+    cpu, flags = read_cpuinfo()
     record = {
         "format": "sds3d-teacher-eval", "version": 1,
         "weights_sha256": teacher.meta.get("weights_sha256"),
@@ -595,7 +623,8 @@ def evaluate_teacher(teacher: EmbeddedTeacher, prompts: list[str] | None = None,
         "fd_real_render_seeds": [4, 5] if fd else None,
         "seconds": {"sampling": round(sample_seconds, 1), "fd": round(fd_seconds, 1),
                     "total": round(time.time() - start, 1)},
-        "machine": {"cpu": cpu, "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}), "threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu, "cpu_bf16": sorted((flags or set()) & {"avx512_bf16", "amx_bf16"}),
+                    "cpu_capability": cpu_capability(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
     }

@@ -37,6 +37,7 @@ from ...diffusion.protocol import Cond
 from ...diffusion.schedule import NoiseSchedule
 from ...diffusion.solvers import ddim_step, initial_noise, polynomial_timesteps
 from ...io import atomic_write_text, save_image
+from ...precision import PRECISIONS, describe_precision, resolve_precision
 from ...teachers import load_teacher
 from ...training.loop import LoopConfig, TrainingLoop
 
@@ -72,6 +73,9 @@ class StudentConfig:
     checkpoint_minutes: float = 5.0
     sample_every: int = 100  # a sample grid under samples/ every N steps (0: only at the end)
     threads: int | None = None
+    # CPU compute of teacher and student (embedded teachers): 'auto' (bf16 autocast where the CPU runs
+    # bf16 natively, else fp32: sds3d.precision), 'fp32' or 'bf16'; student.json records the one used
+    precision: str = "auto"
     options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -99,6 +103,7 @@ class StudentConfig:
         need(self.guidance is None or self.guidance >= 1, "guidance", "must be >= 1 (1: no guidance) or null")
         need(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1) or null")
         need(isinstance(self.options, dict), "options", "must be a mapping of method settings")
+        need(self.precision in PRECISIONS, "precision", f"allowed are {', '.join(PRECISIONS)}")
         return self
 
     def loop_config(self) -> LoopConfig:
@@ -222,6 +227,15 @@ def network_sha256(network: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def teacher_precision(teacher) -> str:
+    """What a teacher (and the students viewing it) computes in: "bf16" (autocast, embedded teachers),
+    else its dtype ("fp32" for float32)."""
+    if getattr(teacher, "autocast_bf16", False):
+        return "bf16"
+    dtype = getattr(teacher, "dtype", torch.float32)
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
 def teacher_identity(teacher, spec: str) -> dict:
     return {"spec": spec, "network_sha256": network_sha256(teacher.network), "resolution": teacher.resolution,
             "channels": teacher.channels}
@@ -240,7 +254,13 @@ class StudentRun:
         self.log = log
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.teacher = teacher if teacher is not None else load_teacher(config.teacher)
+        # The student is a view of the teacher object (StudentModel), so it computes in the teacher's
+        # precision too. A given teacher keeps its own; one loaded here follows config.precision.
+        if teacher is None:
+            teacher = load_teacher(config.teacher, autocast_bf16=resolve_precision(config.precision) == "bf16")
+            if getattr(teacher, "autocast_bf16", None) is not None:
+                log(describe_precision(config.precision))
+        self.teacher = teacher
         if getattr(self.teacher, "network", None) is None:
             raise ValueError(f"teacher {config.teacher!r} has no network: students distill the embedded teacher or a "
                              "diffusers pipeline, not the oracle")
@@ -313,6 +333,7 @@ class StudentRun:
         return {"format": STUDENT_FORMAT, "version": 1, "config": self.config.to_dict(),
                 "teacher": teacher_identity(self.teacher, self.config.teacher), "guidance": self.guidance,
                 "nfe": self.config.nfe, "steps_done": self.loop.step,
+                "precision": teacher_precision(self.teacher),  # this session's
                 "train_minutes": round(self.loop.train_seconds / 60, 2),
                 "setup_minutes": round(self.setup_seconds / 60, 2),  # teacher caches made before training
                 # training minutes of the students this one starts from (SFD's second stage)
@@ -401,18 +422,20 @@ def read_student_folder(folder: str | Path) -> dict:
     return meta
 
 
-def load_student(folder: str | Path, methods: dict, teacher=None, use_ema: bool = True):
+def load_student(folder: str | Path, methods: dict, teacher=None, use_ema: bool = True, precision: str = "auto"):
     """(StudentModel, method, student.json) of a trained student folder, for sampling.
 
     `methods` maps method names to classes (sds3d.distill.students.METHODS). The teacher is loaded
     from the spec the student was made from (or given) and must be the very network it was
-    distilled from (same weights hash), else StudentFolderError."""
+    distilled from (same weights hash), else StudentFolderError. A loaded embedded teacher, and so
+    the student, computes in `precision` (`sds3d.precision.resolve_precision`)."""
     folder = Path(folder)
     meta = read_student_folder(folder)
     config = StudentConfig.from_dict(meta["config"])
     if config.method not in methods:
         raise StudentFolderError(f"{folder} was made by method {config.method!r}, which this sds3d does not know")
-    teacher = teacher if teacher is not None else load_teacher(config.teacher)
+    if teacher is None:
+        teacher = load_teacher(config.teacher, autocast_bf16=resolve_precision(precision) == "bf16")
     if network_sha256(teacher.network) != meta["teacher"]["network_sha256"]:
         raise StudentFolderError(f"{folder} was distilled from another teacher than {config.teacher!r} "
                                  "(its network weights differ): sample it with the teacher it was made from")
