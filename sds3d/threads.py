@@ -39,6 +39,14 @@ def configure_openmp(environ: MutableMapping[str, str] = os.environ) -> MutableM
     return environ
 
 
+def available_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity, which containers and `taskset` narrow)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
 def _busy_seconds(cpus: list[int], stat: Path = Path("/proc/stat")) -> float | None:
     """CPU seconds the kernel counted as busy (not idle, not waiting on I/O) on `cpus`, or None where
     /proc/stat cannot be read (not Linux)."""
@@ -68,10 +76,7 @@ class ThreadGovernor:
 
         self.initial = torch.get_num_threads()
         self.max_threads = max_threads or self.initial
-        try:
-            self.cpus = sorted(os.sched_getaffinity(0))
-        except AttributeError:
-            self.cpus = list(range(os.cpu_count() or 1))
+        self.cpus = available_cpus()
         self.interval_s = interval_s
         self.stat = stat
         self.changes: list[tuple[float, int]] = []  # (time, threads) of every change, for the record

@@ -10,13 +10,7 @@ from sds3d.config import make_config
 from sds3d.pipelines.text_to_3d import generate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_cache(tmp_path_factory):
-    """One oracle cache for the module, so world renders are made once."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SDS3D_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_oracle_cache")  # world renders made once per module (conftest)
 
 
 def test_smoke_run_writes_every_artifact(tmp_path):

@@ -30,13 +30,7 @@ def num_threads(n: int):
         torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_cache(tmp_path_factory):
-    """One oracle cache for the module, so world renders are made once."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SDS3D_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_oracle_cache")  # world renders made once per module (conftest)
 
 
 def test_softplus_sigmoid_match_torch_and_their_derivatives():

@@ -29,15 +29,15 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import GenerateConfig, make_config
-from ..io import RunFolderError, atomic_write_text, slugify
+from ..io import atomic_write_text, slugify
 from ..settings import ConfigError
+from ..threads import available_cpus
 from .gallery import write_index_html
 from .prompt_file import PromptLine, read_prompt_file
 from .text_to_3d import check_run
@@ -63,14 +63,6 @@ class BatchJob:
     @property
     def name(self) -> str:
         return self.run_dir.name
-
-
-def available_cores() -> int:
-    """The CPUs this process may run on (its affinity, which containers and `taskset` narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def plan_batch(lines: list[PromptLine], batch_dir: Path, preset: str = "cpu-fast",
@@ -189,14 +181,14 @@ def prepare_batch(prompt_file: str | Path, out: str | Path | None = None, resume
         records = read_manifest(batch_dir)
         if [(r["line"], r["prompt"]) for r in records] != [(j.line.number, j.line.prompt) for j in jobs]:
             raise BatchError(f"cannot resume: {batch_dir / MANIFEST} does not list the lines of {prompt_file}")
-        info.update(workers=workers, threads=threads or max(1, available_cores() // workers))
+        info.update(workers=workers, threads=threads or max(1, len(available_cpus()) // workers))
         return batch_dir, jobs, records, info
     if batch_dir.exists() and (not batch_dir.is_dir() or any(batch_dir.iterdir())):
         raise BatchError(f"batch folder {batch_dir} exists: add --resume to finish it, or choose another --out")
     jobs = plan_batch(lines, batch_dir, preset, set_items)
     info = {"prompt_file": str(prompt_file), "prompt_file_sha256": _file_digest(text), "prompt_file_text": text,
             "preset": preset, "settings": set_items or {}, "workers": workers,
-            "threads": threads or max(1, available_cores() // workers), "created": time.time()}
+            "threads": threads or max(1, len(available_cpus()) // workers), "created": time.time()}
     return batch_dir, jobs, [new_record(job) for job in jobs], info
 
 

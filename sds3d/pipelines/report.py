@@ -19,7 +19,6 @@ import torch
 from ..io import atomic_write_text, save_image
 
 CONTACT_SHEET = "contact_sheet.png"
-LOSS_CSV = "loss.csv"
 LOSS_CURVE = "loss_curve.png"
 SUMMARY = "summary.md"
 SHEET_RESOLUTION = 128
@@ -50,7 +49,7 @@ def contact_sheet_images(field, occupancy, config, scene=None, resolution: int =
 
 def write_loss_files(run_dir: Path, losses: list[float], title: str = "") -> dict[str, Path]:
     """loss.csv (every step) and loss_curve.png; nothing when no step was trained."""
-    from ..training.loop import write_loss_curve
+    from ..training.loop import LOSS_CSV, write_loss_curve
 
     if not losses:
         return {}

@@ -28,7 +28,8 @@ import time
 import traceback
 from pathlib import Path
 
-from .batch import BatchError, available_cores
+from ..threads import available_cpus
+from .batch import BatchError
 
 
 def _one_line(error: BaseException) -> str:
@@ -222,7 +223,7 @@ class RayRunner:
         if started_here:
             options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
             if self.address is None:
-                options["num_cpus"] = max(available_cores(), self.threads)
+                options["num_cpus"] = max(len(available_cpus()), self.threads)
             try:
                 ray.init(address=self.address, **options)
             except (ConnectionError, RuntimeError) as error:
