@@ -404,7 +404,7 @@ def add_student_parsers(sub) -> None:
     """`sds3d distill` (train a few-step image student) and `sds3d sample --student` (use one)."""
     from .distill.students import METHODS
 
-    di = sub.add_parser("distill", help="train a few-step image student of a teacher (SFD, progressive, consistency, KD)")
+    di = sub.add_parser("distill", help="train a few-step image student of a teacher (SFD, progressive, consistency, KD, DMD, Adv-KD)")
     di.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
     di.add_argument("--teacher", default="embedded", help="embedded (default), an exported teacher folder, or a diffusers folder / hub id")
     di.add_argument("--nfe", type=int, required=True, help="network evaluations per sample of the student")

@@ -185,6 +185,13 @@ def contact_sheet(run_dir: Path, rows: int = SHEET_ROWS) -> Path | None:
     return out
 
 
+def _front_back(accents) -> str | None:
+    """`accent_strength` ({"front", "back", "pixels"}) as "front / back"; None when the scene has no face."""
+    if not isinstance(accents, dict) or "front" not in accents or "back" not in accents:
+        return None
+    return f"{accents['front']:.3g} / {accents['back']:.3g}"
+
+
 def metrics_markdown(metrics: dict | None, prompt: str = "") -> str:
     """The run's scores against the world's ground truth as a small table (metrics.json)."""
     if not metrics:
@@ -193,7 +200,8 @@ def metrics_markdown(metrics: dict | None, prompt: str = "") -> str:
     rows = [("scene", metrics.get("prompt_scene")),
             ("silhouette IoU, mean of 8 views (higher is better)", metrics.get("iou_mean")),
             ("albedo colour error, mean (lower is better)", metrics.get("color_error_mean")),
-            ("accent strength", metrics.get("accent_strength")),
+            ("speckle: albedo grain in flat regions (lower is better)", metrics.get("speckle")),
+            ("face (front-only parts) front / back, truth 1 / 0", _front_back(metrics.get("accent_strength"))),
             ("Chamfer distance to the true mesh (lower is better)", metrics.get("chamfer")),
             ("training seconds", metrics.get("train_seconds"))]
     lines = ["| metric (vs ground truth) | value |", "|---|---|"]

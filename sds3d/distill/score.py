@@ -8,7 +8,8 @@ gradient. They use the Teacher protocol only (diffusion/protocol.py); VSD also n
 - sds_loss: DreamFusion's SDS (Poole et al., 2022, eq. (3)).
 - nfsd_loss: Noise-Free Score Distillation (Katzir et al., ICLR 2024).
 - vsd_loss + lora_diffusion_loss: ProlificDreamer's VSD (Wang et al., NeurIPS 2023, eq. (9)), in
-  threestudio's form. The teacher sees the view-dependent prompt ("a red cube, front view"), the
+  threestudio's form; with weighting="dmd" the same two functions train DMD's one-step image
+  generators (distill/students/dmd.py), so a NeRF and an image student get one gradient. The teacher sees the view-dependent prompt ("a red cube, front view"), the
   LoRA the view-independent one ("a red cube") plus the camera. Recipe per step:
 
       cond = teacher.encode_prompt(view_prompts)           # one row per image, view suffix included
@@ -155,10 +156,11 @@ def _lora_eps(teacher, lora_network: LoraNetwork, x_t, timesteps, text, camera, 
     return teacher.schedule.to_eps(x_t, out, timesteps, lora_network.prediction_type)
 
 
-def vsd_loss(teacher, lora_network: LoraNetwork, images: torch.Tensor, cond: Cond, c2w: torch.Tensor,
+def vsd_loss(teacher, lora_network: LoraNetwork, images: torch.Tensor | None, cond: Cond, c2w: torch.Tensor | None,
              guidance_scale: float = 7.5, lora_guidance_scale: float = 1.0, t_min: float = 0.02, t_max: float = 0.98,
              generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None, lora_cond: Cond | None = None) -> ScoreOutput:
+             noise: torch.Tensor | None = None, lora_cond: Cond | None = None, weighting: str = "dreamfusion",
+             latents: torch.Tensor | None = None) -> ScoreOutput:
     """Variational Score Distillation (ProlificDreamer, Wang et al., 2023, eq. (9)), threestudio's form.
 
         grad = w(t) (eps_teacher - eps_lora),  w = 1 - abar,
@@ -176,19 +178,59 @@ def vsd_loss(teacher, lora_network: LoraNetwork, images: torch.Tensor, cond: Con
     `lora_diffusion_loss` with the same `lora_cond` (pass `encoded=out.encoded` to skip a second
     encode). Same surrogate and NaN guard as sds_loss. ProlificDreamer anneals t_max 0.98 -> 0.5
     over training: pass `annealing.annealed_range(...)`.
+
+    The same function trains DMD's one-step image generators (distill/students/dmd.py; Yin et al.,
+    CVPR 2024, "One-step Diffusion with Distribution Matching Distillation", eq. (7)), whose
+    gradient is the same difference of a real (teacher) and a fake (LoRA) score, only weighted
+    otherwise. An image generator has no camera (`c2w=None`: the zero camera, "no camera") and
+    produces model-space samples, passed as `latents` (with their graph) instead of `images`.
+    `weighting`: "dreamfusion" (w = 1 - abar, above) or "dmd" (`dmd_weight`).
     """
     network_kind(teacher)  # one-line refusal for the oracle and unsupported networks
-    x = teacher.encode(images)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}: allowed are {', '.join(WEIGHTINGS)}")
+    x = teacher.encode(images) if latents is None else latents
     schedule = teacher.schedule
     timesteps, noise = _draw(teacher, x, t_min, t_max, generator, timesteps, noise)
-    camera = lora_network.flatten_camera(c2w).to(x.device, x.dtype)
+    camera = _lora_camera(lora_network, c2w, x)
     lora_text = (cond if lora_cond is None else lora_cond).cond
     with torch.no_grad():
         x_t = schedule.add_noise(x.detach(), noise, timesteps)
         eps_teacher = teacher.predict_eps(x_t, timesteps, cond, guidance_scale)
         eps_lora = _lora_eps(teacher, lora_network, x_t, timesteps, lora_text, camera, lora_guidance_scale)
-        grad = _weight(schedule, timesteps, x) * (eps_teacher - eps_lora)
+        if weighting == "dmd":
+            weight = dmd_weight(schedule, timesteps, x.detach(), x_t, eps_teacher)
+        else:
+            weight = _weight(schedule, timesteps, x)
+        grad = weight * (eps_teacher - eps_lora)
     return _surrogate("VSD", x, grad, timesteps)
+
+
+WEIGHTINGS = ("dreamfusion", "dmd")
+
+
+def dmd_weight(schedule, timesteps: torch.Tensor, x: torch.Tensor, x_t: torch.Tensor,
+               eps_teacher: torch.Tensor) -> torch.Tensor:
+    """DMD's weighting of (eps_real - eps_fake) (Yin et al., 2024, eq. (8)), per image.
+
+    DMD descends on (mu_fake - mu_real) / mean|mu_real - x|, with mu the x0-predictions of the fake
+    and the real score at x_t and the mean over the image's C*H*W values. Since mu = (x_t - sigma eps)
+    / alpha, mu_fake - mu_real = (sigma / alpha) (eps_real - eps_fake), so the weight of the eps
+    difference is (sigma_t / alpha_t) / mean|mu_real - x|: the normalisation makes the step size
+    the same at every t and for every image, whatever the score magnitudes.
+    """
+    abar = schedule.abar(timesteps).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    mu_real = (x_t - sigma * eps_teacher) / alpha
+    scale = (mu_real - x).abs().flatten(1).mean(1).clamp_min(1e-6).reshape(-1, *([1] * (x.dim() - 1)))
+    return sigma / alpha / scale
+
+
+def _lora_camera(lora_network: LoraNetwork, c2w: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """The flattened camera the LoRA sees; None (an image generator) is the zero camera, "no camera"."""
+    if c2w is None:
+        return torch.zeros(x.shape[0], lora_network.camera_dim, device=x.device, dtype=x.dtype)
+    return lora_network.flatten_camera(c2w).to(x.device, x.dtype)
 
 
 def drop_camera(camera: torch.Tensor, prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -199,7 +241,7 @@ def drop_camera(camera: torch.Tensor, prob: float, generator: torch.Generator | 
     return camera * keep.to(camera.device, camera.dtype).reshape(-1, *([1] * (camera.dim() - 1)))
 
 
-def lora_diffusion_loss(teacher, lora_network: LoraNetwork, images: torch.Tensor | None, cond: Cond, c2w: torch.Tensor,
+def lora_diffusion_loss(teacher, lora_network: LoraNetwork, images: torch.Tensor | None, cond: Cond, c2w: torch.Tensor | None,
                         generator: torch.Generator | None = None, camera_drop_prob: float = 0.1,
                         timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                         encoded: torch.Tensor | None = None) -> torch.Tensor:
@@ -214,12 +256,13 @@ def lora_diffusion_loss(teacher, lora_network: LoraNetwork, images: torch.Tensor
     whole batch's camera with probability 0.1; per image is the same rate per sample).
     `encoded` (vsd_loss's `out.encoded`) replaces `images` to skip re-encoding. Gradients reach only
     the LoRA and camera parameters; optimize them with `make_lora_optimizer(lora_network)`.
+    `c2w=None` (an image generator: DMD's fake score) trains the zero-camera branch only.
     """
     with torch.no_grad():
         x = (encoded if encoded is not None else teacher.encode(images)).detach()
     schedule = teacher.schedule
     timesteps, noise = _draw(teacher, x, 0.0, 1.0, generator, timesteps, noise)
-    camera = drop_camera(lora_network.flatten_camera(c2w), camera_drop_prob, generator)
+    camera = drop_camera(_lora_camera(lora_network, c2w, x), camera_drop_prob, generator)
     x_t = schedule.add_noise(x, noise, timesteps)
     if lora_network.prediction_type == "epsilon":
         target = noise

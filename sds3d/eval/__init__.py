@@ -1,5 +1,5 @@
 """Evaluation metrics against a known object."""
 
-from .metrics import Chamfer, chamfer_distance, color_error, silhouette_iou
+from .metrics import Chamfer, chamfer_distance, color_error, silhouette_iou, speckle
 
-__all__ = ["Chamfer", "chamfer_distance", "color_error", "silhouette_iou"]
+__all__ = ["Chamfer", "chamfer_distance", "color_error", "silhouette_iou", "speckle"]

@@ -12,7 +12,7 @@ import torch
 
 from ..geometry.cameras import orbit_cameras
 from ..geometry.views import view_names
-from .metrics import chamfer_distance, color_error, silhouette_iou
+from .metrics import chamfer_distance, color_error, silhouette_iou, speckle
 
 EVAL_VIEWS = 8
 EVAL_RESOLUTION = 128
@@ -45,43 +45,84 @@ def accent_fraction(images: torch.Tensor, masks: torch.Tensor, accents: torch.Te
     return (near & inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1)
 
 
+def front_only_pixels(truth_albedo: torch.Tensor, truth_mask: torch.Tensor, main: torch.Tensor, accents: torch.Tensor,
+                      tolerance: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the truth's front view shows a front-only part: pixels (H, W) bool, and each pixel's accent index (H, W).
+
+    A pixel counts when the ground truth's front view (index 0, azimuth 0) has an accent colour there
+    (within `tolerance`, max abs per channel) and its back view (index EVAL_VIEWS // 2, azimuth 180),
+    mirrored left-right, has the main colour there. The front and back cameras are each other's
+    reflection in the plane x = 0 (objects face +x), so the mirrored back pixel sees the reflection
+    of the front point: the spot where a two-faced (Janus) NeRF paints its second face, and where
+    the truth shows plain main colour. Parts seen from both sides (the house's red roof and
+    chimney, the rocket's fins, the lollipop's stick) fail the test and drop out; the snowman's
+    nose, eyes and buttons, the house's door, the rocket's window stay. Decided from the renders,
+    not from the scene's part list, because that list does not say which parts face front.
+    """
+    back = EVAL_VIEWS // 2
+    front_truth = truth_albedo[0].permute(1, 2, 0)  # (H, W, 3)
+    back_truth = truth_albedo[back].flip(-1).permute(1, 2, 0)
+    main = main.to(front_truth)
+    distance = (front_truth[..., None, :] - accents.to(front_truth)).abs().amax(-1)  # (H, W, K)
+    accent_front = (distance.amin(-1) < tolerance) & (truth_mask[0, 0] > 0.5)
+    main_back = ((back_truth - main).abs().amax(-1) < tolerance) & (truth_mask[back, 0].flip(-1) > 0.5)
+    return accent_front & main_back, distance.argmin(-1)
+
+
 def accent_strength(nerf_rgb: torch.Tensor, truth_albedo: torch.Tensor, truth_mask: torch.Tensor, main: torch.Tensor,
                     accents: torch.Tensor, tolerance: float = 0.05) -> dict[str, float] | None:
-    """How far the NeRF paints the front-only parts (a snowman's nose, eyes, buttons) in front, and on its back.
+    """How far the NeRF paints the front-only parts (a snowman's face, a house's door) in front, and on its back.
 
-    Takes the front (index 0, azimuth 0) and back (index EVAL_VIEWS // 2, azimuth 180) evaluation
-    views. The accent pixels are those of the ground-truth front view within `tolerance` of an
-    accent colour. At each, the NeRF colour c is projected on the way from the main colour m to
-    that pixel's accent colour a: (c - m).(a - m) / |a - m|^2, 1 for the accent colour, 0 for the
-    main colour. "front" is the mean over the accent pixels in the front view; "back" the same at
-    the mirrored pixels of the back view, where a two-faced (Janus) NeRF paints a second face.
-    Unlike `accent_fraction`, a part that is there but blurred toward the main colour counts in part.
-    Returns None when the scene has no accent colours.
+    The Janus problem (named so by Armandpour et al., Perp-Neg, arXiv:2304.04968): a score-distilled
+    NeRF paints the front's face on every side. Measured at
+    the pixels P of `front_only_pixels`, with the front (index 0) and the mirrored back (index
+    EVAL_VIEWS // 2) NeRF views (albedo). At each pixel the NeRF colour c is projected on the way
+    from the main colour to that pixel's true accent colour a:
+        s = (c - m_nerf).(a - m) / |a - m|^2,
+    0 for the NeRF's own main colour m_nerf (the per-channel median of that NeRF view over the
+    pixels where the truth shows the main colour), 1 for the accent colour when m_nerf is the true
+    main colour m.
+    "front" is the mean of s over P in the front view, "back" the same in the mirrored back view.
+    So the truth itself scores 1 / 0, a NeRF with no face 0 / 0, a two-faced one 1 / 1, and a part
+    blurred halfway toward the main colour 1/2.
+
+    Two choices keep a missing face from reading high (a doorless house used to score 0.74 / 0.75):
+    only front-only parts count (the house's roof, red on both sides, was 85 % of its accent
+    pixels), and the reference is the NeRF's own main colour, not the true one (a snowman drifted
+    from white to grey would otherwise read as a face: grey lies on the way from white to black).
+    Returns None when the scene has no front-only part (no accent colour, or only parts seen from
+    both sides: a plain cube, a pine tree).
     """
     if accents.shape[0] == 0:
         return None
     back_index = EVAL_VIEWS // 2
-    truth = truth_albedo[0].permute(1, 2, 0)  # (H, W, 3)
-    distance = (truth[..., None, :] - accents.to(truth)).abs().amax(-1)  # (H, W, K)
-    nearest = distance.argmin(-1)
-    pixels = (distance.amin(-1) < tolerance) & (truth_mask[0, 0] > 0.5)
+    pixels, nearest = front_only_pixels(truth_albedo, truth_mask, main, accents, tolerance)
     if not pixels.any():
         return None
-    direction = accents.to(truth)[nearest[pixels]] - main  # (P, 3)
+    main = main.to(truth_albedo)
+    direction = accents.to(truth_albedo)[nearest[pixels]] - main  # (P, 3)
     scale = (direction * direction).sum(-1)
 
-    def strength(rgb):
-        c = rgb.permute(1, 2, 0)[pixels]
-        return float((((c - main) * direction).sum(-1) / scale).mean())
+    def strength(index):
+        rgb, albedo, mask = nerf_rgb[index], truth_albedo[index], truth_mask[index, 0]
+        if index == back_index:
+            rgb, albedo, mask = rgb.flip(-1), albedo.flip(-1), mask.flip(-1)
+        image = rgb.permute(1, 2, 0)
+        # the NeRF's main colour: its median where this view's truth is main-coloured (robust to a painted face)
+        main_pixels = ((albedo.permute(1, 2, 0) - main).abs().amax(-1) < tolerance) & (mask > 0.5)
+        own_main = image[main_pixels].median(0).values if main_pixels.any() else main
+        return float((((image[pixels] - own_main) * direction).sum(-1) / scale).mean())
 
-    return {"front": strength(nerf_rgb[0]), "back": strength(nerf_rgb[back_index].flip(-1)),
+    return {"front": strength(0), "back": strength(back_index),
             "pixels": int(pixels.sum())}
 
 
 @torch.no_grad()
 def evaluate_run(field, occupancy, scene, mesh_path: str | Path | None = None, num_samples: int = 64,
                  background: float = 1.0, resolution: int = EVAL_RESOLUTION) -> dict:
-    """Per-view silhouette IoU and albedo color error, their means, and the mesh's Chamfer distance."""
+    """Per-view silhouette IoU, albedo color error and speckle (`metrics.speckle`), their means (views
+    without a flat region leave speckle's), the Janus figure (`accent_strength`) and the mesh's
+    Chamfer distance."""
     from ..nerf.render import render_image
     from ..world.mesh import ground_truth_mesh
     from ..world.render import render_scene
@@ -97,16 +138,24 @@ def evaluate_run(field, occupancy, scene, mesh_path: str | Path | None = None, n
     accents = accent_colors(scene)
     accent_nerf = accent_fraction(nerf["rgb"], nerf["opacity"], accents)
     accent_truth = accent_fraction(truth["albedo"], truth["mask"], accents)
+    # Speckle of the field itself, as the mesh's texture bakes it: rendered at the ray midpoints, so that
+    # the random sample offsets of the render above (up to a third of its grain) do not count.
+    still = render_image(field, cameras, occupancy=occupancy, num_samples=num_samples, shading="albedo",
+                         background=background, stratified=False)
+    grain = speckle(still["rgb"].cpu(), still["opacity"].cpu(), truth["albedo"], truth["mask"])
+    grain_mean = float(grain.nanmean()) if not grain.isnan().all() else None
     metrics = {
         "prompt_scene": scene.caption,
         "iou_mean": float(iou.mean()),
         "color_error_mean": float(color.mean()),
+        "speckle": grain_mean,
         "accent_strength": accent_strength(nerf["rgb"], truth["albedo"], truth["mask"], torch.tensor(COLORS[scene.color]),
                                            accents),
         "views": [{"azimuth_deg": float(az), "view": name, "iou": float(i), "color_error": float(c),
+                   "speckle": None if g.isnan() else float(g),
                    "accent_fraction": float(an), "accent_fraction_truth": float(at)}
-                  for az, name, i, c, an, at in zip(cameras.azimuth_deg, view_names(cameras), iou, color,
-                                                    accent_nerf, accent_truth)],
+                  for az, name, i, c, g, an, at in zip(cameras.azimuth_deg, view_names(cameras), iou, color, grain,
+                                                       accent_nerf, accent_truth)],
     }
     if mesh_path is not None and Path(mesh_path).exists():
         import trimesh

@@ -48,6 +48,64 @@ def color_error(pred_rgb: torch.Tensor, gt_rgb: torch.Tensor, pred_mask: torch.T
     return torch.where(count > 0, mean, torch.ones_like(mean))
 
 
+def _erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """(B, 1, H, W) bool -> bool: True where the whole (2 radius + 1)^2 square around the pixel is True
+    (pixels beyond the image's edge count as False)."""
+    if radius == 0:
+        return mask
+    padded = torch.nn.functional.pad((~mask).float(), (radius,) * 4, value=1.0)
+    return torch.nn.functional.max_pool2d(padded, 2 * radius + 1, stride=1) == 0
+
+
+def uniform_interior(gt_rgb: torch.Tensor, gt_mask: torch.Tensor, erosion: int = 2, threshold: float = 0.5,
+                     tolerance: float = 1e-4) -> torch.Tensor:
+    """(B, H, W) bool: pixels of the ground truth whose (2 erosion + 1)^2 square lies inside the mask and
+    has one colour (every channel's max - min over the square below `tolerance`).
+
+    That is the object's uniformly coloured regions eroded by `erosion` pixels: edges between parts
+    and silhouette borders are left out."""
+    gt = torch.as_tensor(gt_rgb).detach().float()
+    inside = torch.as_tensor(gt_mask).detach().float().reshape(gt.shape[0], 1, *gt.shape[-2:]) > threshold
+    k = 2 * erosion + 1
+    spread = (torch.nn.functional.max_pool2d(gt, k, stride=1, padding=erosion)
+              + torch.nn.functional.max_pool2d(-gt, k, stride=1, padding=erosion))  # max - min per channel
+    return ((spread.amax(1, keepdim=True) < tolerance) & _erode(inside, erosion))[:, 0]
+
+
+def speckle(pred_rgb: torch.Tensor, pred_mask: torch.Tensor, gt_rgb: torch.Tensor, gt_mask: torch.Tensor,
+            erosion: int = 2, window: int = 3, threshold: float = 0.5) -> torch.Tensor:
+    """Grain of the predicted colours where the ground truth is one flat colour, per image (B,).
+
+    At every pixel p of `uniform_interior(gt_rgb, gt_mask, erosion)` where the prediction is opaque
+    (pred_mask > threshold over p's whole `window` square, so that no background leaks into the
+    mean), the deviation d(p) = c(p) - mean of c over p's `window` x `window` square is taken per
+    channel; the score is the RMS sqrt(mean over those pixels and the 3 channels of d^2). Local on
+    purpose: a flat colour offset is colour error (`color_error`), and a smooth shading-like ramp
+    scores 0 too (the box mean of a linear function is its centre value); what remains is
+    pixel-to-pixel noise, which bakes into a texture as a sandpaper grain. For i.i.d. noise of std s
+    per channel on a flat colour, E[d^2] = s^2 (1 - 1/window^2).
+    `erosion` must be at least window // 2, so that every square lies inside one flat region. NaN
+    for an image with no such pixel (callers average with nanmean).
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"speckle window must be an odd number of pixels >= 1, got {window}")
+    if erosion < window // 2:
+        raise ValueError(f"speckle erosion ({erosion} px) must be at least window // 2 ({window // 2} px), so that "
+                         f"each {window}x{window} square stays inside one flat region")
+    pred = torch.as_tensor(pred_rgb).detach().float()
+    b = pred.shape[0]
+    opaque = torch.as_tensor(pred_mask).detach().float().reshape(b, 1, *pred.shape[-2:]) > threshold
+    pixels = uniform_interior(gt_rgb, gt_mask, erosion, threshold) & _erode(opaque, window // 2)[:, 0]  # (B, H, W)
+    # d(p) = mean over the square of (c(p) - c(q)): exactly 0 on a flat colour, unlike c(p) - avg_pool(c)(p).
+    # torch.roll wraps at the image's edges, which only pixels of no selected square reach.
+    r = window // 2
+    deviation = sum(pred - pred.roll((dy, dx), dims=(-2, -1)) for dy in range(-r, r + 1) for dx in range(-r, r + 1))
+    squared = ((deviation / window ** 2) ** 2).sum(1)  # (B, H, W), summed over channels
+    count = pixels.flatten(1).sum(1)
+    mean = (squared * pixels).flatten(1).sum(1) / (pred.shape[1] * count).clamp_min(1)
+    return torch.where(count > 0, mean.sqrt(), torch.full_like(mean, float("nan")))
+
+
 class Chamfer(NamedTuple):
     """Symmetric chamfer distance and its two directions (mean nearest-neighbour distances, not squared)."""
 

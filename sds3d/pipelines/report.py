@@ -38,7 +38,8 @@ def contact_sheet_images(field, occupancy, config, scene=None, resolution: int =
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         nerf = render_image(field, cameras, occupancy=occupancy, num_samples=config.num_samples, shading="lambertian",
-                            background=config.background, early_stop_eps=config.early_stop_eps)["rgb"].cpu()
+                            background=config.background, early_stop_eps=config.early_stop_eps,
+                            stratified=False)["rgb"].cpu()  # ray midpoints: no grain from random sample offsets
     rows = [nerf.clamp(0, 1)]
     if scene is not None:
         from ..world.render import render_scene
@@ -81,9 +82,12 @@ def summary_markdown(config, steps: int, seconds: float, metrics: dict | None, f
                   f"| albedo colour error (mean) | {_number(metrics.get('color_error_mean'))} |"]
         if "chamfer" in metrics:
             lines.append(f"| Chamfer distance of the mesh | {_number(metrics['chamfer'])} |")
+        if metrics.get("speckle") is not None:
+            lines.append(f"| speckle (albedo grain in flat regions, lower is better) | {_number(metrics['speckle'])} |")
         accents = metrics.get("accent_strength")
         if accents:
-            lines.append(f"| accent strength front / back | {_number(accents['front'])} / {_number(accents['back'])} |")
+            lines.append(f"| face (front-only parts) front / back, truth 1 / 0 | "
+                         f"{_number(accents['front'])} / {_number(accents['back'])} |")
     else:
         lines += ["", "No ground truth: the prompt is not a scene of the embedded world (or scoring was skipped)."]
     lines += ["", "Files: " + ", ".join(f"[{Path(p).name}]({Path(p).relative_to(run_dir).as_posix()})"

@@ -15,6 +15,7 @@ A run lives in its own folder:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -269,12 +270,50 @@ def sample_backgrounds(config: GenerateConfig, batch: int, generator: torch.Gene
     return torch.where(use_random, colors, torch.full_like(colors, config.background))
 
 
+def conditioning_prompt(config: GenerateConfig) -> str:
+    """The words the teacher is conditioned on. A world teacher ("embedded", "oracle") reads the
+    canonical caption of the scene the prompt resolves to ('a crimson block' -> 'a red cube', a
+    trailing view suffix kept): the embedded network was trained on the world's captions, so the
+    user's own paraphrase would put it off its training data and generate a different object than
+    the one the run is scored against. A prompt that already is one of its scene's
+    captions ('a snowman', 'a white snowman') is kept as written. A diffusers teacher reads the
+    user's words. The user's prompt stays what is shown and saved (config.yaml, folder name)."""
+    if teacher_kind(config.teacher) not in ("oracle", "embedded"):
+        return config.prompt
+    return _world_caption(config.prompt)
+
+
+@functools.lru_cache(maxsize=64)
+def _world_caption(prompt: str) -> str:
+    from ..world.captions import captions, split_view, with_view
+    from ..world.prompts import resolve_prompt
+
+    try:
+        scene = resolve_prompt(prompt)
+    except ValueError:  # `check_run` refuses such prompts; a TextTo3D built directly keeps the words
+        return prompt
+    base, view = split_view(prompt)
+    text = base if base in captions(scene.category, scene.color) else scene.caption
+    return with_view(text, view) if view else text
+
+
+def conditioning_note(config: GenerateConfig) -> str | None:
+    """One stderr line when the teacher reads another caption than the prompt as typed, else None."""
+    text = conditioning_prompt(config)
+    if text == config.prompt:
+        return None
+    return f"sds3d: {config.prompt!r} is the world's {text!r}; the teacher is conditioned on that caption"
+
+
 def view_prompts(config: GenerateConfig, views: list[str]) -> list[str]:
+    """The teacher's prompt for each view: `conditioning_prompt` with DreamFusion's view suffix
+    (", front view") when `view_dependent_prompting`, else as it is."""
+    prompt = conditioning_prompt(config)
     if not config.view_dependent_prompting:
-        return [config.prompt] * len(views)
+        return [prompt] * len(views)
     from ..world.captions import with_view
 
-    return [with_view(config.prompt, view) for view in views]
+    return [with_view(prompt, view) for view in views]
 
 
 class TextTo3D:
@@ -451,6 +490,8 @@ class TextTo3D:
         if show_progress:  # once per run: which hash grid and sampler this run uses
             print(describe_backends(field_device(self.field), self.field.encoding.backend), file=sys.stderr, flush=True)
             print(describe_precision(cfg.precision, self.device, nerf_loop=True), file=sys.stderr, flush=True)
+            if (note := conditioning_note(cfg)) is not None:
+                print(note, file=sys.stderr, flush=True)
         if self.teacher is None:
             self.teacher = make_teacher(cfg, self.device)
         if cfg.loss == "vsd":
@@ -575,7 +616,7 @@ class TextTo3D:
             return {"nfsd": nfsd_loss(self.teacher, images, cond, null_cond, guidance, t_min, t_max, self.generator).loss}
         # ProlificDreamer / threestudio: the teacher sees the view-dependent prompt, the LoRA the
         # prompt without view suffix (its camera input says where it looks from).
-        lora_cond = self._encode([cfg.prompt] * len(cond.prompts))
+        lora_cond = self._encode([conditioning_prompt(cfg)] * len(cond.prompts))
         score = vsd_loss(self.teacher, self.lora, images, cond, cameras.c2w, guidance,
                          cfg.lora_guidance_scale, t_min, t_max, self.generator, lora_cond=lora_cond)
         lora_loss = lora_diffusion_loss(self.teacher, self.lora, None, lora_cond, cameras.c2w, self.generator,
@@ -686,10 +727,11 @@ class TextTo3D:
                    if not key.startswith("mesh_")}
         atomic_write_text(metrics_path, json.dumps({**metrics, **result.metrics}, indent=2))
 
-        def render_fn(camera):
+        def render_fn(camera):  # ray midpoints: random sample offsets would add grain to every frame
             with torch.no_grad():
                 out = render_image(self.field, camera, occupancy=self.occupancy, num_samples=cfg.num_samples,
-                                   shading="lambertian", background=cfg.background, early_stop_eps=cfg.early_stop_eps)
+                                   shading="lambertian", background=cfg.background, early_stop_eps=cfg.early_stop_eps,
+                                   stratified=False)
             return {key: value.cpu() for key, value in out.items()}
 
         files["turntable"] = write_turntable(render_fn, self.run_dir / "turntable.mp4", n_frames=cfg.turntable_frames,

@@ -7,8 +7,10 @@ new method is one file and one line here (see docs/ARCHITECTURE.md, "Adding a st
 
 from __future__ import annotations
 
+from .adv_kd import AdversarialKD
 from .common import StudentConfig, StudentFolderError, StudentModel, StudentRun, load_student
 from .consistency import ConsistencyDistillation
+from .dmd import DMD
 from .kd import OneStepKD
 from .progressive import ProgressiveDistillation
 from .sfd import SFD, SFDSecondStage, SFDv
@@ -20,6 +22,8 @@ METHODS = {
     "sfd": SFD,
     "sfd-v": SFDv,
     "sfd-2": SFDSecondStage,
+    "adv-kd": AdversarialKD,
+    "dmd": DMD,
 }
 
 __all__ = ["METHODS", "StudentConfig", "StudentFolderError", "StudentModel", "StudentRun", "load_student"]

@@ -141,6 +141,12 @@ class StudentModel:
         self._view.network = self.network
         self.schedule: NoiseSchedule = teacher.schedule
 
+    @property
+    def running_network(self) -> torch.nn.Module:
+        """The module a forward pass goes through: `network`, or its DDP wrapper under `accelerate`
+        (which all-reduces gradients); methods that call the network directly use this one."""
+        return self._view.network
+
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self._view.predict_eps(x_t, t, cond, 1.0)
 
@@ -281,7 +287,9 @@ class StudentRun:
             except (ValueError, KeyError, TypeError, OSError):
                 pass
         params = [p for p in self.student.network.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        # adversarial methods take GAN betas (e.g. (0.5, 0.999)); every other method AdamW's defaults
+        betas = getattr(self.method, "optimizer_betas", (0.9, 0.999))
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=betas, weight_decay=0.0)
         network = self.student.network
         if accelerator is not None:  # DDP: the student's forward runs through the wrapper, files hold the module
             wrapped, self.optimizer = accelerator.prepare(network, self.optimizer)
@@ -340,6 +348,14 @@ class StudentRun:
                 "prior_minutes": round(float(getattr(self.method, "prior_minutes", 0.0)), 2),
                 "parameters": sum(p.numel() for p in self.student.network.parameters())}
 
+    def student_network_note(self) -> str:
+        """What the student network is, for the model card: a trained copy of the teacher's network
+        unless the method builds its own (`student_network`)."""
+        if getattr(self.method, "student_network", None) is None:
+            return "a copy of the teacher's, trained"
+        teacher_params = sum(p.numel() for p in self.teacher.network.parameters())
+        return f"the method's own network; the teacher has {teacher_params:,}"
+
     def write_card(self) -> None:
         d = self.describe()
         cfg = d["config"]
@@ -349,7 +365,7 @@ Written by `sds3d distill` from student.json; figures of quality come from `benc
 
 - **Method**: {cfg['method']} (options {json.dumps(cfg['options'])}), distilled classifier-free guidance {d['guidance']}
 - **Teacher**: `{cfg['teacher']}`, network sha256 {d['teacher']['network_sha256'][:16]}..., {d['teacher']['resolution']} px
-- **Student network**: {d['parameters']:,} parameters (a copy of the teacher's, trained)
+- **Student network**: {d['parameters']:,} parameters ({self.student_network_note()})
 - **Training**: {d['steps_done']} steps of batch {cfg['batch_size']}, lr {cfg['lr']}, seed {cfg['seed']},
   {d['train_minutes']} minutes of training (+ {d['setup_minutes']} minutes making teacher caches) on this machine
 - **Prompts**: {cfg['prompts']}

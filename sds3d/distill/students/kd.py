@@ -14,13 +14,14 @@ default 50).
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import torch
 
 from ...diffusion.solvers import ddim_sample, ddim_step, initial_noise
 from ...io import atomic_save_torch
-from .common import StudentConfig, StudentModel, StudentSample
+from .common import StudentConfig, StudentModel, StudentSample, network_sha256
 
 DEFAULTS = {"pairs": 512, "teacher_steps": 50, "pair_batch": 64}
 
@@ -44,31 +45,7 @@ class OneStepKD:
     # -- training ---------------------------------------------------------------------------------
     def attach(self, run) -> None:
         self.run = run
-        self.pairs = self._teacher_pairs(run)
-
-    def _teacher_pairs(self, run) -> dict:
-        """(x_T, x_0, prompt index) for `pairs` draws, made once with a fixed generator and cached."""
-        path = run.out_dir / "kd_pairs.pt"
-        n, steps = self.options["pairs"], self.options["teacher_steps"]
-        if path.exists():
-            cached = torch.load(path, weights_only=True)
-            if cached["x_T"].shape[0] == n and cached["teacher_steps"] == steps and cached["guidance"] == run.guidance:
-                return cached
-        from ...teachers.embedded import EMBEDDED_DDIM, EmbeddedTeacher
-
-        options = dict(EMBEDDED_DDIM) if isinstance(run.teacher, EmbeddedTeacher) else {}
-        gen = torch.Generator().manual_seed(run.config.seed + 777)
-        index = torch.randint(len(run.prompts), (n,), generator=gen)
-        x_T = initial_noise(run.teacher, n, gen)
-        outs, start = [], time.time()
-        for i in range(0, n, self.options["pair_batch"]):
-            chunk = slice(i, i + self.options["pair_batch"])
-            cond = run.teacher.encode_prompt([run.prompts[j] for j in index[chunk].tolist()])
-            outs.append(ddim_sample(run.teacher, cond, steps, run.guidance, x_T=x_T[chunk], **options).x)
-            run.log(f"kd: teacher pairs {min(n, i + self.options['pair_batch'])}/{n} ({time.time() - start:.0f} s)")
-        pairs = {"x_T": x_T, "x_0": torch.cat(outs), "index": index, "teacher_steps": steps, "guidance": run.guidance}
-        atomic_save_torch(pairs, path)
-        return pairs
+        self.pairs = teacher_pairs(run, self.options["pairs"], self.options["teacher_steps"], self.options["pair_batch"])
 
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
         run = self.run
@@ -91,3 +68,40 @@ class OneStepKD:
         with torch.no_grad():
             x0 = self.one_step(student, x, cond)
         return StudentSample(student.teacher.decode(x0), x0, 1)
+
+
+def teacher_pairs(run, n: int, steps: int, batch: int, filename: str = "kd_pairs.pt") -> dict:
+    """(x_T, x_0, prompt index) of `n` guided teacher DDIM trajectories on the run's training prompts,
+    made once with a fixed generator and cached in the run folder as `filename` (read back with
+    weights_only=True; remade when the count, steps or guidance differ). Each x_0 is the teacher's
+    image for its x_T: the pairs KD regresses on, DMD's regression loss uses and Adv-KD's critics
+    see as real images. Remade when any setting differs: count, steps, guidance, seed, the teacher's
+    weights or the prompts."""
+    path = run.out_dir / filename
+    settings = {"pairs": n, "teacher_steps": steps, "guidance": float(run.guidance), "seed": run.config.seed,
+                "teacher": network_sha256(run.teacher.network),
+                "prompts": hashlib.sha256("\n".join(run.prompts).encode()).hexdigest()}
+    if path.exists():
+        try:
+            cached = torch.load(path, weights_only=True, map_location="cpu")
+            if cached.get("settings") == settings:
+                return cached
+        except Exception:  # unreadable or damaged: made again below
+            pass
+    from ...teachers.embedded import EMBEDDED_DDIM, EmbeddedTeacher
+
+    options = dict(EMBEDDED_DDIM) if isinstance(run.teacher, EmbeddedTeacher) else {}
+    gen = torch.Generator().manual_seed(run.config.seed + 777)
+    index = torch.randint(len(run.prompts), (n,), generator=gen)
+    x_T = initial_noise(run.teacher, n, gen)
+    outs, start = [], time.time()
+    for i in range(0, n, batch):
+        chunk = slice(i, i + batch)
+        cond = run.teacher.encode_prompt([run.prompts[j] for j in index[chunk].tolist()])
+        outs.append(ddim_sample(run.teacher, cond, steps, run.guidance, x_T=x_T[chunk], **options).x)
+        run.log(f"{run.config.method}: teacher pairs {min(n, i + batch)}/{n} ({time.time() - start:.0f} s)")
+    pairs = {"x_T": x_T, "x_0": torch.cat(outs), "index": index, "settings": settings}
+    accelerator = getattr(run, "accelerator", None)
+    if accelerator is None or accelerator.is_main_process:  # every replica makes the same pairs; one writes them
+        atomic_save_torch(pairs, path)
+    return pairs
