@@ -66,7 +66,7 @@ def assert_honest_error(prompt: str, words: list[str]) -> str:
 
 @pytest.mark.parametrize("prompt,words,suggested", [
     # the three
-    ("a red cube on top of a blue sphere", ["'on top of'"], ["a red cube", "a blue sphere"]),
+    ("a red cube under a blue sphere", ["'under'"], ["a red cube", "a blue sphere"]),
     ("two red cubes", ["'two'"], ["a red cube"]),
     ("a cube that is not red", ["'not'"], ["a cube"]),
     # negation
@@ -83,15 +83,12 @@ def assert_honest_error(prompt: str, words: list[str]) -> str:
     ("red cubes", ["'cubes'"], ["a red cube"]),
     ("snowmen", ["'snowmen'"], ["a snowman"]),
     # relations between two objects
-    ("a snowman next to a house", ["'next to'"], ["a snowman", "a house"]),
-    ("a blue ball on a table", ["'on'"], ["a blue sphere", "a table"]),
-    ("a pink cone in front of a yellow cube", ["'in front of'"], ["a pink cone", "a yellow cube"]),
+    ("a snowman on a house on a table", ["not 3"], ["a snowman", "a house"]),
     ("a red cube behind a green torus", ["'behind'"], ["a red cube", "a green torus"]),
     ("a sphere under a pyramid", ["'under'"], ["a sphere", "a pyramid"]),
     ("a rocket above a house", ["'above'"], ["a rocket", "a house"]),
     ("a cube inside a sphere", ["'inside'"], ["a cube", "a sphere"]),
     ("a cone to the left of a cylinder", ["'to the left of'"], ["a cone", "a cylinder"]),
-    ("a red cube beside a blue cube", ["'beside'"], ["a red cube", "a blue cube"]),
     # a relation to something the world does not have
     ("a snowman on a mat", ["'on a mat'"], ["a snowman"]),
     # two objects joined by 'and' / 'with'
@@ -115,7 +112,7 @@ def test_honest_errors_do_not_load_the_embedding_model():
     code = (
         "import sys\n"
         "from sds3d.world.prompts import UnsupportedPromptError, embedding_model_loaded, resolve_prompt\n"
-        "for p in ['a red cube on top of a blue sphere', 'two red cubes', 'a cube that is not red', 'a red blue cube',\n"
+        "for p in ['a red cube under a blue sphere', 'two red cubes', 'a cube that is not red', 'a red blue cube',\n"
         "          'a cube and a sphere', 'a house with a blue roof', 'a snowman with a top hat']:\n"
         "    try:\n"
         "        resolve_prompt(p)\n"

@@ -21,6 +21,8 @@ batch as the samples. `normals` ("auto", "analytic", "finite_difference") overri
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -123,6 +125,12 @@ def linear_feature_major(layer: nn.Linear, h: torch.Tensor) -> torch.Tensor:
     return _FeatureMajorLinear.apply(h, layer.weight, layer.bias)
 
 
+DISPLAY_NORMAL_EPS = 0.02
+"""`display_normals`' difference, as a fraction of the box side: 10 cells of the finest hash level
+of cpu-fast's 512-cell grid, about 2 pixels of a 128 px turntable at the evaluation distance. It
+halves the shaded grain of trained runs (benchmarks/speckle.py)."""
+
+
 class NeRFField(nn.Module):
     """Density and albedo in the box [-radius, radius]^3; zero density outside it."""
 
@@ -156,6 +164,20 @@ class NeRFField(nn.Module):
         if self.normals != "auto":
             return self.normals
         return "analytic" if getattr(self.encoding, "has_jacobian", True) else "finite_difference"
+
+    @contextlib.contextmanager
+    def display_normals(self, eps: float = DISPLAY_NORMAL_EPS):
+        """Within the block, normals by central differences `eps` of the box side apart, for pictures
+        (turntable, contact sheet) only. The analytic normals of a hash grid carry its finest levels'
+        high-frequency density noise, which Lambertian shading turns into a sandpaper grain; a
+        difference over a few of those cells averages it out (a wider difference only rounds edges
+        by as much). Training keeps its own normals."""
+        saved = self.normals, self.normal_eps
+        self.normals, self.normal_eps = "finite_difference", eps
+        try:
+            yield self
+        finally:
+            self.normals, self.normal_eps = saved
 
     def forward(self, x: torch.Tensor, with_normals: bool = False) -> dict[str, torch.Tensor]:
         """x (N, 3) world points -> density (N,), albedo (N, 3) and, if asked, normal (N, 3)."""

@@ -35,11 +35,12 @@ def contact_sheet_images(field, occupancy, config, scene=None, resolution: int =
 
     cameras = evaluation_cameras(resolution)
     device = next(field.parameters()).device
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            field.display_normals():
         torch.manual_seed(config.seed)
         nerf = render_image(field, cameras, occupancy=occupancy, num_samples=config.num_samples, shading="lambertian",
                             background=config.background, early_stop_eps=config.early_stop_eps,
-                            stratified=False)["rgb"].cpu()  # ray midpoints: no grain from random sample offsets
+                            stratified=False)["rgb"].cpu()  # ray midpoints, display normals: no grain
     rows = [nerf.clamp(0, 1)]
     if scene is not None:
         from ..world.render import render_scene

@@ -293,7 +293,10 @@ def _world_caption(prompt: str) -> str:
     except ValueError:  # `check_run` refuses such prompts; a TextTo3D built directly keeps the words
         return prompt
     base, view = split_view(prompt)
-    text = base if base in captions(scene.category, scene.color) else scene.caption
+    from ..world.scenes import Scene
+
+    known = captions(scene.category, scene.color) if isinstance(scene, Scene) else [scene.caption]  # a Composition
+    text = base if base in known else scene.caption
     return with_view(text, view) if view else text
 
 
@@ -727,8 +730,8 @@ class TextTo3D:
                    if not key.startswith("mesh_")}
         atomic_write_text(metrics_path, json.dumps({**metrics, **result.metrics}, indent=2))
 
-        def render_fn(camera):  # ray midpoints: random sample offsets would add grain to every frame
-            with torch.no_grad():
+        def render_fn(camera):  # ray midpoints and display normals: neither random offsets nor grid noise as grain
+            with torch.no_grad(), self.field.display_normals():
                 out = render_image(self.field, camera, occupancy=self.occupancy, num_samples=cfg.num_samples,
                                    shading="lambertian", background=cfg.background, early_stop_eps=cfg.early_stop_eps,
                                    stratified=False)
@@ -790,19 +793,43 @@ class TextTo3D:
 
 def check_run(config: GenerateConfig, teacher=None) -> GenerateConfig:
     """The checks a run passes before any folder is made: the config's values; for the world's teachers
-    a prompt the world knows (UnknownPromptError naming the nearest known prompts); for a diffusers
+    a prompt the world knows (UnknownPromptError naming the nearest known prompts), and a two-object scene
+    (a Composition) only for a teacher that learnt them (the oracle; an embedded teacher whose metadata says
+    `compositions: true`, which the shipped one's does not); for a diffusers
     teacher not given as an object, a folder that is there, or a hub id in the local cache or on a hub
     that answers (`teachers.diffusers.check_teacher_spec`: at once, not after retries)."""
     config.validate()
     if teacher_kind(config.teacher) in ("oracle", "embedded"):
+        from ..world.compositions import Composition
         from ..world.prompts import resolve_prompt
 
-        resolve_prompt(config.prompt)
+        scene = resolve_prompt(config.prompt)
+        if isinstance(scene, Composition) and teacher_kind(config.teacher) == "embedded" \
+                and not _teacher_knows_compositions(config.teacher, teacher):
+            parts = " or ".join(repr(s.caption) for s in (scene.first, scene.second))
+            raise ValueError(f"{config.prompt!r} is a two-object scene ({scene.relation!r}); the embedded teacher was not "
+                             f"trained on them yet: use --teacher oracle (the exact denoiser of world renders) or a "
+                             f"diffusers teacher; or try {parts} alone")
     elif teacher is None:
         from ..teachers.diffusers import check_teacher_spec
 
         check_teacher_spec(config.teacher)
     return config
+
+
+def _teacher_knows_compositions(spec: str, teacher=None) -> bool:
+    """Whether an embedded teacher was trained on two-object scenes: `compositions: true` in its
+    metadata (the loaded teacher's `meta`, else its folder's config.json; the shipped one's lacks it)."""
+    meta = getattr(teacher, "meta", None)
+    if not isinstance(meta, dict):
+        from ..teachers.embedded import ASSET_DIR, CONFIG_FILE
+
+        folder = ASSET_DIR if spec == "embedded" else Path(spec)
+        try:
+            meta = json.loads((folder / CONFIG_FILE).read_text())
+        except (OSError, ValueError):  # a damaged folder fails later, with load_teacher's own line
+            meta = {}
+    return bool(isinstance(meta, dict) and meta.get("compositions"))
 
 
 def generate(config: GenerateConfig, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,

@@ -4,9 +4,12 @@
    colour shades mapped to the world's colour names ("crimson" -> "red").
 2. Exact phrasings (captions, synonyms, the paraphrase templates) resolve by table lookup,
    without loading any model.
-3. Otherwise the words are read (`_understand`, regexes only, still no model): a prompt that asks
-   for what no scene is -- a negation ('not red'), a count or plural ('two cubes'), two objects or
-   a relation between them ('a cube on a sphere'), two colours for one object, a part the object
+3. Two objects in a relation the world builds ('a red cube on top of a blue sphere'; 'on', 'next
+   to', 'beside', 'in front of') resolve to a `Composition`, each side as a prompt of its own.
+   Otherwise the words are read (`_understand`, regexes only, still no model): a prompt that asks
+   for what no scene is -- a negation ('not red'), a count or plural ('two cubes'), two objects
+   without a relation or in one the world does not build ('a cube under a sphere', three objects),
+   two colours for one object, a part the object
    lacks ('a snowman with a top hat') or a part colour the world never paints ('a blue roof') --
    raises `UnsupportedPromptError` naming the words and prompts that would work, instead of
    resolving to a different scene than asked for.
@@ -33,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .captions import COLOR_SYNONYMS, bare_caption, caption, nouns, paraphrases, strip_view
+from .compositions import RELATION_WORDS, RELATIONS, Composition
 from .scenes import CATEGORIES, COLORS, COMPOSITES, DEFAULT_COLORS, MAIN, Scene, all_scenes, category_parts, make_scene
 
 # Cosine similarity between the colour-free prompt and the nearest category name/synonym,
@@ -450,8 +454,13 @@ def _understand(prompt: str, key: str, category: str | None = None) -> tuple[str
     if len(objects) > 1:
         joiners, colors = _object_colors(text, objects)
         relation = next((j for j in joiners[1:] if _RELATION_RE.fullmatch(j)), None)
-        if relation is not None:
-            reason = f"the world builds one object per prompt and cannot place objects relative to each other ({relation!r})"
+        if relation is not None and relation in RELATION_WORDS and len(objects) > 2:  # a relation it builds
+            reason = f"the world places two objects relative to each other, not {len(objects)} ({relation!r})"
+        elif relation is not None and relation in RELATION_WORDS:  # `_composition` read more than one relation
+            reason = f"the world places two objects by one relation ({relation!r}) and cannot read the words between them"
+        elif relation is not None:
+            built = ", ".join(repr(r) for r in RELATIONS)
+            reason = f"the world places two objects only {built} each other, not {relation!r}"
         else:
             reason = f"the world builds one object per prompt, not several ({objects[0].noun!r} and {objects[1].noun!r})"
         raise _unsupported(prompt, reason, [_suggest(n.category, c) for n, c in zip(objects[:2], colors)])
@@ -518,8 +527,33 @@ def _understand(prompt: str, key: str, category: str | None = None) -> tuple[str
     return category, main_color
 
 
-def resolve_prompt(prompt: str) -> Scene:
-    """The scene a prompt describes: 'a red cube, front view' -> Scene('cube', 'red')."""
+def _composition(key: str) -> Composition | None:
+    """The two-object scene a normalised prompt names, or None when it is not one: '<object>
+    <relation> <object>', exactly two category nouns, joined by a relation the world builds
+    (`compositions.RELATION_WORDS`: 'on top of', 'on', 'atop', 'next to', 'beside', 'in front of')
+    once; no negation, count or plural (`_understand` then refuses it with its line).
+    Each side resolves on its own (`resolve_prompt`), so its synonyms, colour shades and refusals
+    ('a cube with a top hat on a sphere') are those of a single object."""
+    text = " ".join(_FRAMING_RE.sub(" ", key).split())
+    objects = _category_nouns(text)
+    if len(objects) != 2 or any(n.plural for n in objects) or _NEGATION_RE.search(text) or _COUNT_RE.search(text):
+        return None
+    first, second = objects
+    between = text[first.end:second.start]
+    relations = list(_RELATION_RE.finditer(between))
+    if len(relations) != 1:
+        return None
+    match = relations[0]
+    relation = RELATION_WORDS.get(" ".join(match.group(0).split()))
+    if relation is None:
+        return None
+    return Composition(resolve_prompt(text[:first.end + match.start()]), relation,
+                       resolve_prompt(text[first.end + match.end():]))
+
+
+def resolve_prompt(prompt: str) -> Scene | Composition:
+    """The scene a prompt describes: 'a red cube, front view' -> Scene('cube', 'red'); two objects
+    in a relation the world builds -> a Composition ('a red cube on top of a blue sphere')."""
     if prompt is None or not str(prompt).strip():
         raise EmptyPromptError(f"empty prompt: describe an object, e.g. 'a red cube' or 'a snowman' (see {PROMPT_FILE_HINT})")
     prompt = str(prompt)
@@ -530,6 +564,9 @@ def resolve_prompt(prompt: str) -> Scene:
     table = _exact_table()
     if key in table:
         return table[key]
+    composition = _composition(key)
+    if composition is not None:
+        return composition
     _understand(prompt, key)  # what the words alone show the world cannot build fails here, before the model loads
     _, rest = split_colors(key)
     try:
