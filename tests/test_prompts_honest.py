@@ -65,7 +65,7 @@ def assert_honest_error(prompt: str, words: list[str]) -> str:
 # --- the cases of the issue, and more -------------------------------------------------------
 
 @pytest.mark.parametrize("prompt,words,suggested", [
-    # the issue's three
+    # the issue's three (its relation prompt now resolves: a relation the world does not build instead)
     ("a red cube under a blue sphere", ["'under'"], ["a red cube", "a blue sphere"]),
     ("two red cubes", ["'two'"], ["a red cube"]),
     ("a cube that is not red", ["'not'"], ["a cube"]),

@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import torch
 
-from ...diffusion.solvers import ddim_step, initial_noise
+from ...diffusion.solvers import initial_noise
 from .. import score
 from ..lora import make_lora_network, make_lora_optimizer
 from .common import StudentConfig, StudentModel, StudentSample, student_timesteps
-from .kd import teacher_pairs
+from .kd import student_x0, teacher_pairs
 
 DEFAULTS = {"regression": 0.25, "pairs": 512, "teacher_steps": 50, "pair_batch": 64, "fake_steps": 1,
             "fake_lr": 1e-3, "lora_rank": 16, "t_min": 0.02, "t_max": 0.98}
@@ -74,13 +74,6 @@ def check_options(given: dict) -> dict:
     return options
 
 
-def denoise(student: StudentModel, x_t: torch.Tensor, t: int, cond) -> torch.Tensor:
-    """The generator's clean image from x_t at timestep t: one DDIM step of the student to abar = 1
-    (its x0 prediction; at t = T - 1 this is one-step KD's map F_s(x_T))."""
-    timesteps = torch.full((x_t.shape[0],), t, dtype=torch.long)
-    return ddim_step(student.schedule, x_t, student.predict_eps(x_t, timesteps, cond), t, -1)
-
-
 def multistep_sample(student: StudentModel, cond, grid: list[int], x_T: torch.Tensor, steps: int,
                      generator: torch.Generator | None) -> tuple[torch.Tensor, int]:
     """DMD2's multi-step generator run for `steps` grid points from x_T: denoise at grid[k], noise the
@@ -88,7 +81,7 @@ def multistep_sample(student: StudentModel, cond, grid: list[int], x_T: torch.Te
     when steps == len(grid) - 1, and the number of evaluations)."""
     x = x_T
     for k in range(steps):
-        x0 = denoise(student, x, grid[k], cond)
+        x0 = student_x0(student, x, grid[k], cond)
         if k + 1 == len(grid) - 1:
             return x0, k + 1
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
@@ -139,7 +132,7 @@ class DMD:
         cond, x_T = run.batch(generator)
         with torch.no_grad():
             x, t = self._generator_input(run.student, cond, x_T, generator)
-            x0 = denoise(run.student, x, t, cond)
+            x0 = student_x0(run.student, x, t, cond)
         loss = score.lora_diffusion_loss(run.teacher, self.fake, None, cond, None, generator=generator,
                                          camera_drop_prob=0.0, encoded=x0)
         self.fake_optimizer.zero_grad(set_to_none=True)
@@ -153,7 +146,7 @@ class DMD:
             self.fake_loss = self._fake_score_step(generator)
         cond, x_T = run.batch(generator)
         x, t = self._generator_input(run.student, cond, x_T, generator)
-        x0 = denoise(run.student, x, t, cond)
+        x0 = student_x0(run.student, x, t, cond)
         out = score.vsd_loss(run.teacher, self.fake, None, cond, None, guidance_scale=run.guidance,
                              lora_guidance_scale=1.0, t_min=o["t_min"], t_max=o["t_max"], generator=generator,
                              weighting="dmd", latents=x0)
@@ -162,7 +155,7 @@ class DMD:
             pick = torch.randint(self.pairs["x_T"].shape[0], (run.config.batch_size,), generator=generator)
             pair_cond = run.teacher.encode_prompt([run.prompts[j] for j in self.pairs["index"][pick].tolist()])
             start = run.student.schedule.num_train_timesteps - 1  # the pairs' x_T are pure noise
-            regression = (denoise(run.student, self.pairs["x_T"][pick], start, pair_cond)
+            regression = (student_x0(run.student, self.pairs["x_T"][pick], start, pair_cond)
                           - self.pairs["x_0"][pick]).pow(2).mean()
             loss = loss + o["regression"] * regression
         return loss

@@ -57,9 +57,7 @@ class OneStepKD:
     @staticmethod
     def one_step(student: StudentModel, x_T: torch.Tensor, cond) -> torch.Tensor:
         """F_s(x_T): one DDIM step of the student from t = T - 1 to abar = 1 (its x0 prediction there)."""
-        T = student.schedule.num_train_timesteps
-        t = torch.full((x_T.shape[0],), T - 1, dtype=torch.long)
-        return ddim_step(student.schedule, x_T, student.predict_eps(x_T, t, cond), T - 1, -1)
+        return student_x0(student, x_T, student.schedule.num_train_timesteps - 1, cond)
 
     # -- sampling ---------------------------------------------------------------------------------
     def sample(self, student: StudentModel, cond, nfe: int, generator: torch.Generator | None,
@@ -68,6 +66,14 @@ class OneStepKD:
         with torch.no_grad():
             x0 = self.one_step(student, x, cond)
         return StudentSample(student.teacher.decode(x0), x0, 1)
+
+
+def student_x0(student: StudentModel, x_t: torch.Tensor, t: int, cond) -> torch.Tensor:
+    """The student's clean image from x_t at timestep t: one DDIM step to abar = 1. Through
+    `ddim_step` (coefficients in float64), not `StudentModel.predict_x0`, because at t = T - 1 of a
+    zero-terminal-SNR schedule 1 / sqrt(abar) ~ 3e4 amplifies float32 rounding."""
+    timesteps = torch.full((x_t.shape[0],), t, dtype=torch.long)
+    return ddim_step(student.schedule, x_t, student.predict_eps(x_t, timesteps, cond), t, -1)
 
 
 def teacher_pairs(run, n: int, steps: int, batch: int, filename: str = "kd_pairs.pt") -> dict:
