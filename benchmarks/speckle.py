@@ -59,8 +59,13 @@ def measure(run_dir: Path) -> dict:
                                background=cfg.background, early_stop_eps=cfg.early_stop_eps, stratified=stratified)
         return float(speckle(out["rgb"], out["opacity"], truth["albedo"], truth["mask"]).nanmean())
 
+    try:  # the run's own scores and training time, for the record
+        scored = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        scored = {}
     row = {"run": str(run_dir), "prompt": cfg.prompt, "steps": cfg.steps, "seed": cfg.seed,
-           "albedo, midpoints": grain("albedo", False)}
+           "iou": scored.get("iou_mean"), "color_error": scored.get("color_error_mean"),
+           "train_seconds": scored.get("train_seconds"), "albedo, midpoints": grain("albedo", False)}
     saved = field.normals, field.normal_eps
     try:
         for name, normals, eps, stratified in SHADED:
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
                 generate(make_config("cpu-fast", prompt=prompt, steps=args.steps), out=folder, show_progress=False)
             runs.append(folder)
     rows = [measure(r) for r in runs]
-    names = [k for k in rows[0] if k not in ("run", "prompt", "steps", "seed")]
+    names = [k for k in rows[0] if k not in ("run", "prompt", "steps", "seed", "iou", "color_error", "train_seconds")]
     command = "python benchmarks/speckle.py " + " ".join(sys.argv[1:] if argv is None else argv)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     lines = ["# Speckle of trained runs (RMS deviation from the 3x3 mean in flat truth regions, 8 views, 128 px)", "",
@@ -96,6 +101,10 @@ def main(argv=None) -> int:
              "| measure | " + " | ".join(f"{r['prompt']} ({r['steps']} steps, seed {r['seed']})" for r in rows) + " |",
              "|---|" + "---|" * len(rows)]
     lines += [f"| {name} | " + " | ".join(f"{r[name]:.4f}" for r in rows) + " |" for name in names]
+    lines += ["", "The runs' own metrics.json: " + "; ".join(
+        f"{r['prompt']}: IoU {r['iou']:.3f}, colour error {r['color_error']:.3f}, {r['train_seconds']} s of training"
+        if r["iou"] is not None else f"{r['prompt']}: no metrics.json"
+        for r in rows)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "speckle.md", "\n".join(lines) + "\n")
