@@ -287,7 +287,7 @@ def cmd_teacher(args) -> int:
 
         from .teachers import is_embedded_teacher_folder
         from .teachers.embedded import ASSET_DIR
-        from .training.teacher import write_model_card
+        from .training.teacher import composition_eval_prompts, evaluate_compositions, write_model_card
 
         for name in ("samples_per_prompt", "steps", "threads"):
             value = getattr(args, name)
@@ -324,6 +324,16 @@ def cmd_teacher(args) -> int:
         record, images = evaluate_teacher(teacher, samples_per_prompt=args.samples_per_prompt, steps=args.steps,
                                           guidance=args.guidance, seed=args.seed)
         record = {"command": shlex.join(env + words), **record}
+        if teacher.meta.get("compositions"):  # a teacher of two-object scenes: their own measure
+            config = TrainConfig.from_dict((teacher.meta.get("training") or {}).get("config") or {})
+            seen, unseen = composition_eval_prompts(config)
+            record["compositions"] = {"steps": min(args.steps, 25), "guidance": args.guidance}
+            for name, prompts in (("seen", seen), ("unseen", unseen)):
+                part, _ = evaluate_compositions(teacher, prompts, steps=min(args.steps, 25), guidance=args.guidance,
+                                                seed=args.seed)
+                record["compositions"][name] = part
+                print(f"two-object scenes ({name}): bound {part['bound']}, silhouette IoU {part['silhouette_iou']}",
+                      file=sys.stderr, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "eval.json", json.dumps(record, indent=2) + "\n")
         written = [out / "eval.json"]

@@ -88,6 +88,7 @@ class GenerateConfig:
     lambda_sparsity: float = 0.0
     lambda_opacity_entropy: float = 50.0  # pushes pixel opacity to 0 or 1: crisp silhouettes
     lambda_z_variance: float = 0.0  # HiFA's depth variance along covered rays: thin surfaces, not fog
+    lambda_albedo_smooth: float = 0.0  # NeRFactor's albedo smoothness at surface points: no speckled colours
     # teacher data: the oracle's image resolution and bank size; latent diffusers teachers upsample
     # renders to vae_resolution before their VAE (threestudio: 64 -> 512)
     teacher_resolution: int = 64
@@ -159,6 +160,7 @@ class GenerateConfig:
         need(0.0 <= self.lambertian_start <= 1.0, "lambertian_start", "must be in [0, 1] (a fraction of the steps)")
         need(self.oracle_camera_sigma >= 0, "oracle_camera_sigma", "must be >= 0 (degrees; 0 turns camera conditioning off)")
         need(self.lambda_z_variance >= 0, "lambda_z_variance", "must be >= 0")
+        need(self.lambda_albedo_smooth >= 0, "lambda_albedo_smooth", "must be >= 0")
         need(self.lr_encoding > 0 and self.lr_network > 0, "lr_encoding", "learning rates must be > 0")
         need(all(f in EXPORT_FORMATS for f in self.export_formats), "export_formats", f"allowed are {', '.join(EXPORT_FORMATS)}")
         need(self.mesh_threshold == "auto" or (isinstance(self.mesh_threshold, (int, float)) and self.mesh_threshold > 0),

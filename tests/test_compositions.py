@@ -194,3 +194,30 @@ def test_compositions_of_exact_phrasings_do_not_load_the_embedding_model():
             "assert scene.caption == 'a red cube on top of a blue sphere', scene\n"
             "assert not embedding_model_loaded() and 'sentence_transformers' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True, timeout=120)
+
+
+def test_binding_scores_tell_right_colours_from_swapped_ones():
+    """`binding_scores` (the teacher's composition measure) against truth renders: the truth itself is
+    bound right; the same layout with the two colours swapped is bound wrong for both objects; a blank
+    image has no silhouette; two objects of one colour have nothing to bind."""
+    from sds3d.eval.ground_truth import binding_scores, object_id_map
+    from sds3d.geometry.cameras import spherical_cameras
+    from sds3d.world.render import render_scene
+
+    cams = spherical_cameras(torch.tensor([15.0, 15.0]), torch.tensor([0.0, 90.0]), 2.75, 45.0, 48)
+    right = Composition(Scene("cube", "red"), "on top of", Scene("sphere", "blue"))
+    swapped = Composition(Scene("cube", "blue"), "on top of", Scene("sphere", "red"))
+    truth = render_scene(right, cams)
+    ids = object_id_map(right, cams, truth)
+    other = render_scene(swapped, cams)["rgb"]
+    for v in range(2):
+        good = binding_scores(truth["rgb"][v], truth["rgb"][v], ids[v])
+        assert good["bound"] is True and good["objects_right"] == [True, True]
+        assert good["silhouette_iou"] > 0.95
+        bad = binding_scores(other[v], truth["rgb"][v], ids[v])
+        assert bad["bound"] is False and bad["objects_right"] == [False, False]
+        blank = binding_scores(torch.ones(3, 48, 48), truth["rgb"][v], ids[v])
+        assert blank["silhouette_iou"] == 0.0
+    same = Composition(Scene("cube", "red"), "next to", Scene("sphere", "red"))
+    truth_same = render_scene(same, cams)
+    assert binding_scores(truth_same["rgb"][0], truth_same["rgb"][0], object_id_map(same, cams, truth_same)[0])["bound"] is None

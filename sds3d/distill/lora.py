@@ -160,7 +160,7 @@ def make_lora_network(teacher, rank: int = 4, lora_alpha: float | None = None, c
     if kind == "lean":
         inject_adapter_in_model(config(LEAN_LORA_TARGETS), lora)
         camera = CameraEmbedding(camera_dim, network.config.emb_dim).to(device)
-        lora.text_mlp = _TextPlusCamera(lora.text_mlp, camera, network.config.text_dim)
+        lora.text_mlp = _TextPlusCamera(lora.text_mlp, camera, network.config.text_dim * network.config.text_slots)
     else:
         lora.add_adapter(config(DIFFUSERS_LORA_TARGETS))
         camera = CameraEmbedding(camera_dim, lora.time_embedding.linear_2.out_features).to(device)

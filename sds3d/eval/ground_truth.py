@@ -139,6 +139,34 @@ def object_id_map(scene, cameras, truth: dict[str, torch.Tensor]) -> torch.Tenso
     return ids.reshape(truth["mask"][:, 0].shape)
 
 
+def binding_scores(image: torch.Tensor, truth_rgb: torch.Tensor, object_ids: torch.Tensor,
+                   background: float = 1.0, tolerance: float = 0.1) -> dict:
+    """Does a generated image of a two-object scene give each object its own colour? For an image and the
+    truth render from the same camera (both (3, H, W), shaded alike), with `object_ids` (H, W) from
+    `object_id_map`: per object i the per-channel median of the image over the truth region R_i, and
+    of the truth over R_i. Object i is bound right when the image's median is nearer the truth median
+    of R_i than that of the other object's region (Euclidean); `bound` is both right, `None` when the
+    two truth medians are within `tolerance` (the same colour: nothing to bind). `silhouette_iou` is
+    the IoU of the image's pixels off the background (any channel below background - tolerance) and
+    the truth's object pixels: a coarse check of the layout, since an image model is conditioned on
+    the camera's direction but not its distance."""
+    img = image.float().reshape(3, -1)
+    ref = truth_rgb.float().reshape(3, -1)
+    ids = object_ids.reshape(-1)
+    regions = [ids == i for i in (0, 1)]
+    if not all(r.any() for r in regions):
+        return {"bound": None, "objects_right": [None, None], "silhouette_iou": None}
+    truth_med = [ref[:, r].median(1).values for r in regions]
+    image_med = [img[:, r].median(1).values for r in regions]
+    drawn = (img < background - tolerance).any(0)
+    solid = ids >= 0
+    iou = float((drawn & solid).sum() / (drawn | solid).sum().clamp(min=1))
+    if float((truth_med[0] - truth_med[1]).norm()) < tolerance:
+        return {"bound": None, "objects_right": [None, None], "silhouette_iou": iou}
+    right = [bool((image_med[i] - truth_med[i]).norm() < (image_med[i] - truth_med[1 - i]).norm()) for i in (0, 1)]
+    return {"bound": all(right), "objects_right": right, "silhouette_iou": iou}
+
+
 def composition_scores(nerf_rgb: torch.Tensor, nerf_opacity: torch.Tensor, truth_albedo: torch.Tensor,
                        object_ids: torch.Tensor, scene, threshold: float = 0.5) -> list[dict]:
     """Per-object scores of a two-object scene, over all views: is each object there, where, and in its colour.

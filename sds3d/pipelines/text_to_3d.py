@@ -36,10 +36,11 @@ from ..threads import ThreadGovernor
 from ..io import CheckpointError, RunFolderError, atomic_save_torch, atomic_write_text, load_torch_file, run_folder, slugify
 from ..nerf.backends import describe_backends, field_device, make_occupancy
 from ..geometry.views import VIEW_NAMES, view_names
-from ..geometry.cameras import camera_directions, orbit_cameras, sample_cameras
+from ..geometry.cameras import camera_directions, camera_rays, orbit_cameras, sample_cameras
 from ..nerf.field import NeRFField
 from .report import write_run_report
-from .regularizers import opacity_entropy_loss, opacity_sparsity_loss, orientation_loss, z_variance_loss
+from .regularizers import (ALBEDO_SMOOTH_POINTS, albedo_smoothness_loss, opacity_entropy_loss, opacity_sparsity_loss,
+                           orientation_loss, surface_points, z_variance_loss)
 from ..nerf.render import render_image
 from ..diffusion.protocol import Cond
 from ..teachers import load_teacher, teacher_kind
@@ -577,7 +578,7 @@ class TextTo3D:
         """One step's forward: cameras, shading and backgrounds drawn from the run's generator, the
         render, and the loss as named, weighted terms in the order they are summed (`terms_total`):
         the score distillation (named after `config.loss`; vsd adds "lora"), then the regularizers
-        with a weight > 0 ("orientation", "sparsity", "opacity_entropy", "z_variance")."""
+        with a weight > 0 ("orientation", "sparsity", "opacity_entropy", "z_variance", "albedo_smooth")."""
         cfg = self.config
         cameras = sample_cameras(cfg.batch_size, render_resolution(cfg, self.step), cfg.elevation_range, cfg.azimuth_range,
                                  cfg.distance_range, cfg.fovy_range, generator=self.generator)
@@ -604,6 +605,10 @@ class TextTo3D:
             terms["opacity_entropy"] = cfg.lambda_opacity_entropy * opacity_entropy_loss(out["opacity"])
         if cfg.lambda_z_variance > 0:
             terms["z_variance"] = cfg.lambda_z_variance * z_variance_loss(out["z_variance"], out["opacity"].detach())
+        if cfg.lambda_albedo_smooth > 0:
+            origins, dirs = camera_rays(cameras)
+            points = surface_points(origins, dirs, out["depth"], out["opacity"], ALBEDO_SMOOTH_POINTS, self.generator)
+            terms["albedo_smooth"] = cfg.lambda_albedo_smooth * albedo_smoothness_loss(self.field, points, self.generator)
         return terms
 
     def _distillation_terms(self, images: torch.Tensor, cond: Cond, cameras, t_min: float,

@@ -16,6 +16,7 @@ import torch
 from ..diffusion.protocol import Cond, cfg_combine, model_to_pixels, pixels_to_model
 from ..diffusion.schedule import NoiseSchedule, make_schedule
 from . import EMBEDDED_FORMAT
+from .text import slot_embeddings, slot_texts
 from .unet import LeanUNet, NetConfig
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "teacher"
@@ -48,7 +49,7 @@ _FIX_HINT = "reinstall sds3d, or point --teacher at a folder written by `sds3d t
 class EmbeddedTeacher:
     """A trained LeanUNet behind the Teacher protocol: pixel space [-1, 1], MiniLM text conditioning.
 
-    cond / uncond in `Cond` are (B, 384) sentence embeddings; the unconditional embedding is that
+    cond / uncond in `Cond` are (B, 384 * text_slots) sentence embeddings (`text.slot_embeddings`); the unconditional embedding is that
     of the empty caption (what training's caption dropout used) or of the negative prompt.
     `autocast_bf16` runs the network under CPU bf16 autocast (inputs and outputs stay fp32; eps
     differs from fp32 by about 1% relative, tests/test_precision.py): worth it only on CPUs with
@@ -82,7 +83,8 @@ class EmbeddedTeacher:
     def _embed(self, prompts: list[str]) -> torch.Tensor:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            for p, row in zip(missing, self.text_encoder.embed(missing)):
+            rows = slot_embeddings(missing, self.text_encoder.embed, self.network.config.text_slots)
+            for p, row in zip(missing, rows):
                 self._prompt_cache[p] = row.to(self.device, self.dtype)
         return torch.stack([self._prompt_cache[p] for p in prompts])
 
@@ -165,6 +167,8 @@ class EmbeddedTeacher:
                      "weights_sha256": _sha256(folder / WEIGHTS_FILE)})
         if prompt_table:
             texts = list(dict.fromkeys([self.null_prompt, *prompt_table]))
+            texts += [t for t in dict.fromkeys(t for p in texts for t in slot_texts(p, self.network.config.text_slots))
+                      if t is not None and t not in texts]  # the objects' phrases of a slotted network
             with atomic_path(folder / "prompts.safetensors") as tmp:
                 tmp.write_bytes(save_safetensors({"embeddings": self.text_encoder.embed(texts).float().contiguous()},
                                                  metadata={"texts": json.dumps(texts)}))

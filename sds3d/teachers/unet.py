@@ -30,6 +30,9 @@ class NetConfig:
     mid_attention: bool = True
     patch: int = 1  # 2: pixel-unshuffle stem, the UNet runs at resolution / 2
     text_dim: int = 384
+    # 1: one sentence embedding of the prompt; 3: also its first and second object's phrase, side by
+    # side (teachers/text.py `slot_texts`: which colour belongs to which object of a pair)
+    text_slots: int = 1
     # 3: also conditioned on the unit direction to the camera (as MVDream), added to the time and
     # text embedding; a zero vector means "no camera" (camera dropout in training). 0: text only.
     camera_dim: int = 0
@@ -115,7 +118,7 @@ class LeanUNet(nn.Module):
         ch, E, G = cfg.channels, cfg.emb_dim, cfg.groups
         cin = cfg.in_channels * cfg.patch ** 2
         self.time_mlp = nn.Sequential(nn.Linear(128, E), nn.SiLU(), nn.Linear(E, E))
-        self.text_mlp = nn.Sequential(nn.Linear(cfg.text_dim, E), nn.SiLU(), nn.Linear(E, E))
+        self.text_mlp = nn.Sequential(nn.Linear(cfg.text_dim * cfg.text_slots, E), nn.SiLU(), nn.Linear(E, E))
         self.camera_mlp = nn.Sequential(nn.Linear(cfg.camera_dim, E), nn.SiLU(), nn.Linear(E, E)) if cfg.camera_dim else None
         self.conv_in = nn.Conv2d(cin, ch[0], 3, padding=1)
         self.down = nn.ModuleList()

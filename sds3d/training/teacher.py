@@ -34,15 +34,16 @@ from ..diffusion.schedule import make_schedule, min_snr_weights, stratified_time
 from ..diffusion.solvers import ddim_sample
 from ..eval.classifier import is_held_out_prompt, score_samples
 from ..eval.fd import fd_world
-from ..geometry.cameras import unit_directions
+from ..geometry.cameras import spherical_cameras, unit_directions
 from ..io import atomic_save_torch, atomic_write_text, save_image
 from ..precision import PRECISIONS, cpu_capability, describe_precision, read_cpuinfo, resolve_precision
 from ..settings import ConfigError, check_value, dataclass_from_dict
 from ..teachers.embedded import EMBEDDED_DDIM, EmbeddedTeacher
-from ..teachers.text import TextEncoder
+from ..teachers.text import TextEncoder, slot_embeddings, slot_texts
 from ..teachers.unet import LeanUNet, NetConfig
 from ..world.captions import with_view
-from ..world.dataset import COLOR_NAMES, CaptionTable, RenderSpec, canonical_phrasings, world_renders
+from ..world.compositions import Composition, training_compositions
+from ..world.dataset import COLOR_NAMES, CaptionTable, RenderSpec, canonical_phrasings, composition_renders, world_renders
 from ..world.prompts import resolve_prompt, world_prompts, world_txt_prompts
 from ..world.scenes import CATEGORIES, all_scenes
 from .loop import CHECKPOINT, DataOrder, LoopConfig, TrainingLoop, step_generator
@@ -64,6 +65,12 @@ class TrainConfig:
     view_prob: float = 0.75
     caption_dropout: float = 0.1
     camera_dropout: float = 0.1  # share of images without their camera (camera-conditioned networks only)
+    # two-object scenes (world/compositions.py): `compositions` of them (0: none), `composition_prompts`
+    # first (prompts the world resolves to a Composition), then random ones (`training_compositions`,
+    # seeded by data_seed); `composition_views` random cameras each. Use a network with text_slots 3.
+    compositions: int = 0
+    composition_views: int = 24
+    composition_prompts: tuple[str, ...] = ()
     # model
     network: NetConfig = field(default_factory=lambda: NetConfig(resolution=32, channels=(32, 64, 128), patch=1,
                                                                  attention_levels=(2,)))
@@ -98,6 +105,7 @@ class TrainConfig:
         out = asdict(self)
         out["network"] = self.network.to_dict()
         out["betas"] = list(self.betas)
+        out["composition_prompts"] = list(self.composition_prompts)
         return out
 
     @classmethod
@@ -135,6 +143,10 @@ class TrainConfig:
         need(self.num_train_timesteps >= 2, "num_train_timesteps", "must be >= 2")
         make_schedule(self.schedule, self.num_train_timesteps)  # its ValueError names the allowed schedules
         need(self.views_per_scene >= 1, "views_per_scene", "must be >= 1")
+        need(self.compositions >= len(self.composition_prompts), "compositions",
+             f"must be >= the {len(self.composition_prompts)} composition_prompts")
+        need(self.composition_views >= 1, "composition_views", "must be >= 1")
+        need(net.text_slots in (1, 3), "network.text_slots", "1 (the prompt's sentence embedding) or 3 (also each object's phrase)")
         for name in ("overhead_fraction", "canonical_prob", "view_prob", "caption_dropout", "camera_dropout", "lr_min_ratio"):
             need(0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]")
         need(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "must be > 0 or null (no min-SNR weights)")
@@ -166,8 +178,9 @@ class TrainConfig:
 # --- pieces ----------------------------------------------------------------------------------
 
 def load_world_text_table(out_dir: Path, captions_texts: list[str], log=print, text_encoder=None) -> torch.Tensor:
-    """Embeddings (V, 384) of every caption, saved in the run folder (so resumption does not
-    depend on the MiniLM build or the global cache)."""
+    """Embeddings (V, 384) of every text (the captions and, for a slotted network, the objects'
+    phrases), saved in the run folder (so resumption does not depend on the MiniLM build or the
+    global cache)."""
     path = out_dir / "captions.pt"
     if path.exists():
         data = torch.load(path, weights_only=True)
@@ -228,12 +241,28 @@ class TeacherTrainer:
             renders = world_renders(spec, progress=True)
         train_index = renders.indices("train")
         self.images = renders.images[train_index]
-        self.labels = {k: getattr(renders, k)[train_index] for k in ("category", "color", "view", "elevation", "azimuth")}
-        present = {(int(k), int(c)) for k, c in zip(self.labels["category"].tolist(), self.labels["color"].tolist())}
-        scenes = [s for s in all_scenes() if (CATEGORIES.index(s.category), COLOR_NAMES.index(s.color)) in present]
-        self.captions = CaptionTable(scenes, cfg.canonical_prob, cfg.view_prob)
+        self.labels = {k: getattr(renders, k)[train_index] for k in ("view", "elevation", "azimuth")}
+        pairs = list(zip(renders.category[train_index].tolist(), renders.color[train_index].tolist()))
+        # self.scenes: every scene an image shows, one-object scenes first (in all_scenes order), then the
+        # compositions; self.scene_ids: each image's index into it
+        present = set(pairs)
+        self.scenes = [s for s in all_scenes() if (CATEGORIES.index(s.category), COLOR_NAMES.index(s.color)) in present]
+        position = {(CATEGORIES.index(s.category), COLOR_NAMES.index(s.color)): i for i, s in enumerate(self.scenes)}
+        self.scene_ids = torch.tensor([position[p] for p in pairs], dtype=torch.long)
+        if cfg.compositions:
+            self._add_compositions(cfg)
+        self.captions = CaptionTable(self.scenes, cfg.canonical_prob, cfg.view_prob)
         self.text_encoder = text_encoder
-        self.text_table = load_world_text_table(self.out_dir, self.captions.texts, log, text_encoder)
+        slots = cfg.network.text_slots
+        texts = list(self.captions.texts)
+        if slots > 1:  # the objects' phrases too (teachers/text.py slot_texts)
+            known = set(texts)
+            texts += [t for t in dict.fromkeys(t for c in self.captions.texts for t in slot_texts(c, slots))
+                      if t is not None and t not in known]
+        base = load_world_text_table(self.out_dir, texts, log, text_encoder)
+        self.text_base = dict(zip(texts, base))  # text -> (384,): the table the exported teacher looks up
+        self.text_table = base if slots == 1 else slot_embeddings(
+            self.captions.texts, lambda ts: torch.stack([self.text_base[t] for t in ts]), slots)
         self.order = DataOrder(self.images.shape[0], cfg.batch_size, cfg.seed)
         self.schedule = make_schedule(cfg.schedule, cfg.num_train_timesteps)
 
@@ -250,6 +279,24 @@ class TeacherTrainer:
         if ckpt_path.exists():
             self.loop.load(ckpt_path)
         self.loop.trim_logs()
+
+    def _add_compositions(self, cfg: TrainConfig) -> None:
+        """Append the two-object scenes' renders (`composition_renders`) to the images and scenes."""
+        include = []
+        for prompt in cfg.composition_prompts:
+            scene = resolve_prompt(prompt)
+            if not isinstance(scene, Composition):
+                raise ConfigError(f"bad value composition_prompts: {prompt!r} is not two objects in a relation the world builds")
+            include.append(scene)
+        compositions = training_compositions(cfg.compositions, cfg.data_seed, include=tuple(include))
+        spec = RenderSpec(resolution=cfg.network.resolution, views_per_scene=cfg.composition_views, seed=cfg.data_seed,
+                          overhead_fraction=cfg.overhead_fraction)
+        renders = composition_renders(spec, compositions, progress=True)
+        self.images = torch.cat([self.images, renders.images])
+        for name in self.labels:
+            self.labels[name] = torch.cat([self.labels[name], getattr(renders, name)])
+        self.scene_ids = torch.cat([self.scene_ids, renders.scene + len(self.scenes)])
+        self.scenes = self.scenes + compositions
 
     @property
     def step(self) -> int:
@@ -270,8 +317,8 @@ class TeacherTrainer:
         cfg = self.config
         idx = self.order.batch_indices(step)
         x0 = self.images[idx].float() / 127.5 - 1
-        cap = self.captions.sample_batch(self.labels["category"][idx], self.labels["color"][idx],
-                                         self.labels["view"][idx], generator)
+        cap = torch.tensor([self.captions.sample_scene(self.scenes[s], v, generator)
+                            for s, v in zip(self.scene_ids[idx].tolist(), self.labels["view"][idx].tolist())], dtype=torch.long)
         drop = torch.rand(idx.numel(), generator=generator) < cfg.caption_dropout
         cap = torch.where(drop, torch.zeros_like(cap), cap)  # text 0 is the empty caption
         if not cfg.network.camera_dim:
@@ -324,8 +371,7 @@ class TeacherTrainer:
         return total / batches
 
     def teacher(self, use_ema: bool = True) -> EmbeddedTeacher:
-        table = dict(zip(self.captions.texts, self.text_table))
-        encoder = self.text_encoder or TextEncoder(table=table)
+        encoder = self.text_encoder or TextEncoder(table=self.text_base)
         return EmbeddedTeacher(self.ema if use_ema else self.model, self.schedule, self.config.prediction_type,
                                text_encoder=encoder, autocast_bf16=self.precision == "bf16",
                                meta={"schedule": self.config.schedule})
@@ -375,10 +421,12 @@ class TeacherTrainer:
         under "training", this run's steps, minutes, settings and last periodic evaluation), the
         prompt table and MODEL_CARD.md, which says "not evaluated yet" until `sds3d teacher eval`
         writes eval.json beside the weights and regenerates the card."""
-        prompts = list(dict.fromkeys(world_prompts() + world_txt_prompts()))
+        prompts = list(dict.fromkeys(world_prompts() + world_txt_prompts() + list(self.config.composition_prompts)))
         table = prompts + [with_view(p, v) for p in prompts for v in ("front", "side", "back", "overhead")]
         teacher = self.teacher(use_ema)
         meta = {"schedule": self.config.schedule, "resolution": self.config.network.resolution,
+                # what `generate` checks before it lets this teacher build two-object scenes
+                "compositions": self.config.compositions > 0,
                 "training": {"steps": self.step, "train_minutes": round(self.train_seconds / 60, 1),
                              "config": self.config.to_dict()}}
         if self.precisions_used():  # what "auto" became on the machines that trained it
@@ -427,6 +475,18 @@ def write_model_card(folder: str | Path, out: str | Path | None = None) -> Path:
     params = sum(p.numel() for p in LeanUNet(NetConfig.from_dict(net)).parameters())
     held = held_out_combinations()
     res = meta.get("resolution", net.get("resolution"))
+    slots_text = ("\n  (three MiniLM embeddings side by side: the whole prompt, its first object's phrase and its second"
+                  "\n  object's phrase, zeros for one object; sds3d/teachers/text.py `slot_texts`)"
+                  if net.get("text_slots", 1) == 3 else "")
+    compositions_text = ""
+    if cfg.get("compositions"):
+        included = cfg.get("composition_prompts") or []
+        compositions_text = (
+            f"\n  Plus {cfg['compositions']} two-object scenes (world/compositions.py `training_compositions`, data seed "
+            f"{cfg.get('data_seed', 0)};\n  'on top of', 'next to', 'in front of'; no held-out pair in either object"
+            + (f"; including {', '.join(repr(p) for p in included)}" if included else "")
+            + f"),\n  {cfg.get('composition_views')} random cameras each, captioned by their canonical caption or one of 3 "
+              f"paraphrases (`composition_phrasings`).")
     camera_text = (f"\n  + projected unit direction to the camera (MVDream-style camera conditioning; a zero vector,"
                    f"\n  used for {pct(cfg.get('camera_dropout', 0.0))} of the training images, means no camera)"
                    if net.get("camera_dim") else "")
@@ -478,6 +538,14 @@ def write_model_card(folder: str | Path, out: str | Path | None = None) -> Path:
             f"{pct(m['both'])}; on the {m['held_out_prompts']} held-out (colour, primitive) prompts "
             f"({m['held_out_samples']} images)\n  category {pct(m['held_out_category'])}, colour "
             f"{pct(m['held_out_color'])}, both {pct(m['held_out_both'])}.{fd_text}\n")
+        comp = record.get("compositions")
+        if comp:
+            part = lambda r: (f"each object in its own colour in **{pct(r['bound'])}** of the views, silhouette IoU "  # noqa: E731
+                              f"{r['silhouette_iou']:.2f}" if r.get("bound") is not None else "not scored")
+            eval_text += (
+                f"- **Two-object scenes** (`evaluate_compositions`: DDIM-{comp['steps']}, guidance {comp['guidance']}, 4 views "
+                f"each, against the\n  truth render from the same camera): the {comp['seen']['prompts']} trained prompts: "
+                f"{part(comp['seen'])};\n  {comp['unseen']['prompts']} compositions not in training: {part(comp['unseen'])}.\n")
 
     text = f"""# sds3d embedded teacher
 
@@ -491,7 +559,7 @@ no download; a folder like this one works as `--teacher DIR`.
 
 - **Architecture**: LeanUNet (sds3d/teachers/unet.py), {params / 1e6:.2f}M parameters: channels {net.get('channels')},
   {net.get('blocks_per_level')} residual block(s) per level, patchify stem {net.get('patch')}x{net.get('patch')}, self-attention at levels {net.get('attention_levels')}{' and mid' if net.get('mid_attention') else ''},
-  FiLM conditioning on timestep + projected text embedding{camera_text}.
+  FiLM conditioning on timestep + projected text embedding{slots_text}{camera_text}.
   Output: {meta.get('prediction_type')}.
 - **Resolution**: {res}x{res} RGB, model space [-1, 1].
 - **Noise schedule**: {meta.get('schedule')}, {meta.get('num_train_timesteps')} steps (diffusers/DDPM convention).
@@ -505,11 +573,12 @@ no download; a folder like this one works as `--teacher DIR`.
   {cfg.get('views_per_scene')} random cameras per scene (`RenderSpec`: elevation {spec.elevation_range[0]:g}..{spec.elevation_range[1]:g}, azimuth
   {spec.azimuth_range[0]:g}..{spec.azimuth_range[1]:g}, distance {spec.distance_range[0]:g}..{spec.distance_range[1]:g}, fovy {spec.fovy_range[0]:g}..{spec.fovy_range[1]:g}), rendered at {spec.supersample}x and average-pooled;
   captions are the world's captions and paraphrases with a DreamFusion view suffix
-  {pct(cfg.get('view_prob', 0.0))} of the time.
+  {pct(cfg.get('view_prob', 0.0))} of the time.{compositions_text}
 {train_text}{eval_text}- **Weights**: model.safetensors (fp16; sha256 {meta.get('weights_sha256')},
   checked at load).
 - **Limits**: knows only the procedural world; {res}x{res} pixels; other prompts give arbitrary
-  images. Held-out pairs measure compositional generalization.
+  images. Held-out pairs measure compositional generalization. Two-object scenes:
+  {'trained (`compositions: true`: `sds3d generate` accepts them)' if meta.get('compositions') else 'not trained (`sds3d generate` refuses them with this teacher)'}.
 """
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "MODEL_CARD.md", text)
@@ -542,6 +611,73 @@ def export_teacher(run_dir: str | Path, dest: str | Path, use_ema: bool = True, 
         raise ValueError(f"{run_dir} has no checkpoint ({CHECKPOINT}) yet: train it first (nothing was written)")
     trainer = TeacherTrainer(run_dir, None, log, renders=renders, text_encoder=text_encoder)
     return trainer.export(dest, use_ema)
+
+
+COMPOSITION_EVAL_AZIMUTHS = (0.0, 90.0, 180.0, -90.0)  # front, side, back, other side
+COMPOSITION_EVAL_CAMERA = dict(elevation=15.0, distance=2.75, fovy=45.0)  # generate's default distance and fovy
+
+
+def composition_eval_prompts(config: TrainConfig, unseen: int = 12, seed: int = 1000) -> tuple[list[str], list[str]]:
+    """(prompts of two-object scenes the run trained on: its `composition_prompts`, or its first 6
+    compositions when it names none; `unseen` compositions it never saw, drawn by
+    `training_compositions` under another seed). Empty lists for a run without compositions."""
+    if not config.compositions:
+        return [], []
+    include = tuple(resolve_prompt(p) for p in config.composition_prompts)
+    trained = training_compositions(config.compositions, config.data_seed, include=include)
+    seen = list(config.composition_prompts) or [c.caption for c in trained[:6]]
+    known = set(trained)
+    candidates = training_compositions(len(trained) + 4 * unseen, seed)
+    return seen, [c.caption for c in candidates if c not in known][:unseen]
+
+
+@torch.no_grad()
+def evaluate_compositions(teacher: EmbeddedTeacher, prompts: list[str], steps: int = 25, guidance: float = 3.0,
+                          seed: int = 0, batch_size: int = 32) -> tuple[dict, torch.Tensor]:
+    """DDIM samples of two-object prompts, each from the four views of `COMPOSITION_EVAL_AZIMUTHS` (the
+    view suffix and the camera direction given, as `generate` gives them), scored against the truth render
+    from the same camera by `eval.ground_truth.binding_scores`: is each object's colour where the truth
+    has that object. The world classifier knows one object per image, so this is the teacher's measure
+    of compositions. Returns (record, images (N, 3, R, R) in [0, 1], prompt-major)."""
+    from ..eval.ground_truth import binding_scores, object_id_map
+    from ..geometry.views import view_name
+    from ..world.compositions import Composition
+    from ..world.render import render_scene
+
+    start = time.time()
+    cam = COMPOSITION_EVAL_CAMERA
+    az = torch.tensor(COMPOSITION_EVAL_AZIMUTHS)
+    el = torch.full_like(az, cam["elevation"])
+    cameras = spherical_cameras(el, az, cam["distance"], cam["fovy"], teacher.resolution)
+    directions = unit_directions(el, az)
+    views = [view_name(e, a) for e, a in zip(el.tolist(), az.tolist())]
+    gen = torch.Generator().manual_seed(seed)
+    rows, images = [], []
+    todo = [(p, v) for p in prompts for v in range(len(views))]
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        cond = teacher.encode_prompt([with_view(p, views[v]) for p, v in chunk])
+        cond.extra["camera_dirs"] = directions[[v for _, v in chunk]]
+        images.append(ddim_sample(teacher, cond, steps, guidance, gen, **EMBEDDED_DDIM).images)
+    images = torch.cat(images) if images else torch.zeros(0, 3, teacher.resolution, teacher.resolution)
+    for k, prompt in enumerate(prompts):
+        scene = resolve_prompt(prompt)
+        if not isinstance(scene, Composition):
+            raise ValueError(f"{prompt!r} is not two objects in a relation: evaluate_compositions scores compositions")
+        truth = render_scene(scene, cameras)
+        ids = object_id_map(scene, cameras, truth)
+        scores = [binding_scores(images[k * len(views) + v], truth["rgb"][v], ids[v]) for v in range(len(views))]
+        defined = [s["bound"] for s in scores if s["bound"] is not None]
+        rows.append({"prompt": prompt, "bound": sum(defined) / len(defined) if defined else None,
+                     "silhouette_iou": sum(s["silhouette_iou"] or 0.0 for s in scores) / len(scores),
+                     "views": [{"view": name, **s} for name, s in zip(views, scores)]})
+    bound = [r["bound"] for r in rows if r["bound"] is not None]
+    record = {"prompts": len(prompts), "images": len(todo), "steps": steps, "guidance": guidance, "seed": seed,
+              "camera": {**cam, "azimuths": list(COMPOSITION_EVAL_AZIMUTHS)},
+              "bound": sum(bound) / len(bound) if bound else None,
+              "silhouette_iou": sum(r["silhouette_iou"] for r in rows) / len(rows) if rows else None,
+              "per_prompt": rows, "seconds": round(time.time() - start, 1)}
+    return record, images
 
 
 def evaluate_teacher(teacher: EmbeddedTeacher, prompts: list[str] | None = None, samples_per_prompt: int = 4,

@@ -20,6 +20,7 @@ and its parts carry their real colour names as roles (no MAIN role).
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -194,3 +195,69 @@ class Composition:
     def object_ids(self, points: torch.Tensor) -> torch.Tensor:
         """Index (N,) of the object nearest each point (0: first, 1: second)."""
         return torch.stack([obj.distance(points) for obj in self.objects]).argmin(0)
+
+
+# --- captions and training sets ----------------------------------------------------------------
+
+# The relation phrases a caption is split at (`split_caption`): the canonical ones and the
+# synonyms that cannot occur inside one object's phrase ('on' can: 'candy on a stick').
+_SPLIT_RE = re.compile(r"\s(on top of|next to|in front of|atop|beside)\s")
+# Relation words the paraphrases of a composition use, beside the canonical phrase.
+_RELATION_PARAPHRASES: dict[str, tuple[str, ...]] = {
+    "on top of": ("atop",), "next to": ("beside",), "in front of": ("in front of",),
+}
+
+
+def split_caption(text: str) -> tuple[str, str, str] | None:
+    """(first object's phrase, relation phrase, second object's phrase) of a two-object caption,
+    None for a one-object caption. Purely textual (no resolution): it reads the captions the world
+    writes ('a red cube on top of a blue sphere') and their paraphrases; a view suffix stays with
+    the second phrase, so callers strip it first."""
+    match = _SPLIT_RE.search(text)
+    if match is None:
+        return None
+    first, second = text[:match.start()].strip(), text[match.end():].strip()
+    if not first or not second:
+        return None
+    return first, match.group(1), second
+
+
+def composition_phrasings(composition: Composition, count: int = 4) -> list[str]:
+    """The canonical caption and `count - 1` paraphrases of a two-object scene: each object named
+    by one of its own phrasings (`captions.paraphrases`, in turn), the relation by its phrase or a
+    synonym ('atop', 'beside'). Deterministic in the composition."""
+    from .captions import paraphrases
+
+    first, second = (paraphrases(s.category, s.color) for s in (composition.first, composition.second))
+    words = (composition.relation,) + _RELATION_PARAPHRASES[composition.relation]
+    out = [composition.caption]
+    for k in range(1, 4 * count):
+        if len(out) >= count:
+            break
+        text = f"{first[k % len(first)]} {words[k % len(words)]} {second[(k * 7) % len(second)]}"
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def training_compositions(count: int, seed: int = 0, include: tuple[Composition, ...] = ()) -> list[Composition]:
+    """`include` and then random two-object scenes up to `count`, all distinct: each object any world
+    scene whose (colour, primitive) pair is not held out (`held_out_combinations`), the relation any of
+    RELATIONS, two different objects. Deterministic in (count, seed, include)."""
+    from .scenes import all_scenes, held_out_combinations
+
+    held = set(held_out_combinations())
+    scenes = [s for s in all_scenes() if (s.color, s.category) not in held]
+    out = list(dict.fromkeys(include))
+    seen = set(out)
+    gen = torch.Generator().manual_seed(seed)
+    while len(out) < count:
+        i, j, r = torch.randint(len(scenes), (1,), generator=gen).item(), torch.randint(len(scenes), (1,), generator=gen).item(), \
+            torch.randint(len(RELATIONS), (1,), generator=gen).item()
+        if i == j:
+            continue
+        composition = Composition(scenes[i], RELATIONS[r], scenes[j])
+        if composition not in seen:
+            seen.add(composition)
+            out.append(composition)
+    return out[:max(count, len(include))]

@@ -77,12 +77,14 @@ def is_held_out(category: str, color: str) -> bool:
     return (color, category) in set(held_out_combinations())
 
 
-def scene_seed(seed: int, scene: Scene) -> int:
-    text = f"{DATASET_VERSION}/{seed}/{scene.category}/{scene.color}"
+def scene_seed(seed: int, scene) -> int:
+    """The camera seed of a scene (Scene) or two-object scene (Composition, keyed by its caption)."""
+    text = (f"{DATASET_VERSION}/{seed}/{scene.category}/{scene.color}" if isinstance(scene, Scene)
+            else f"{DATASET_VERSION}/{seed}/{scene.caption}")
     return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16)
 
 
-def scene_cameras(spec: RenderSpec, scene: Scene, resolution: int):
+def scene_cameras(spec: RenderSpec, scene, resolution: int):
     """The spec's cameras for one scene (deterministic in spec.seed and the scene)."""
     gen = torch.Generator().manual_seed(scene_seed(spec.seed, scene))
     n = spec.views_per_scene
@@ -150,28 +152,37 @@ def _cache_path(spec: RenderSpec, scenes: list[Scene], cache_dir: Path) -> Path:
     return cache_dir / "world" / f"renders-{spec.resolution}px-{len(scenes)}x{spec.views_per_scene}-{digest}.npz"
 
 
-def render_dataset(spec: RenderSpec, scenes: list[Scene], progress: bool = False) -> WorldRenders:
-    """Render (no cache). Rendering is at resolution * supersample, then average-pooled."""
+def render_views(spec: RenderSpec, scene) -> tuple[torch.Tensor, object]:
+    """One scene's (or composition's) images (V, 3, R, R) uint8 from the spec's cameras, rendered at
+    resolution * supersample then average-pooled, and the cameras."""
     from .render import render_scene
 
-    hi = spec.resolution * spec.supersample
+    cams = scene_cameras(spec, scene, spec.resolution * spec.supersample)
+    rgb = torch.cat([render_scene(scene, cams[i:i + 64])["rgb"] for i in range(0, cams.batch_size, 64)])
+    if spec.supersample > 1:
+        rgb = F.avg_pool2d(rgb, spec.supersample)
+    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8), cams
+
+
+def _view_labels(cams) -> dict[str, torch.Tensor]:
+    return {"view": torch.tensor([VIEW_NAMES.index(view_name(e, a))
+                                  for e, a in zip(cams.elevation_deg.tolist(), cams.azimuth_deg.tolist())]),
+            "elevation": cams.elevation_deg, "azimuth": cams.azimuth_deg, "distance": cams.distance,
+            "fovy": torch.rad2deg(cams.fovy)}
+
+
+def render_dataset(spec: RenderSpec, scenes: list[Scene], progress: bool = False) -> WorldRenders:
+    """Render (no cache). Rendering is at resolution * supersample, then average-pooled."""
     images, labels = [], {name: [] for name in WorldRenders.FIELDS}
     start = time.time()
     for n, scene in enumerate(scenes):
-        cams = scene_cameras(spec, scene, hi)
-        rgb = torch.cat([render_scene(scene, cams[i:i + 64])["rgb"] for i in range(0, cams.batch_size, 64)])
-        if spec.supersample > 1:
-            rgb = F.avg_pool2d(rgb, spec.supersample)
-        images.append((rgb.clamp(0, 1) * 255).round().to(torch.uint8))
+        rgb, cams = render_views(spec, scene)
+        images.append(rgb)
         k = cams.batch_size
         labels["category"].append(torch.full((k,), CATEGORIES.index(scene.category)))
         labels["color"].append(torch.full((k,), COLOR_NAMES.index(scene.color)))
-        labels["view"].append(torch.tensor([VIEW_NAMES.index(view_name(e, a))
-                                            for e, a in zip(cams.elevation_deg.tolist(), cams.azimuth_deg.tolist())]))
-        labels["elevation"].append(cams.elevation_deg)
-        labels["azimuth"].append(cams.azimuth_deg)
-        labels["distance"].append(cams.distance)
-        labels["fovy"].append(torch.rad2deg(cams.fovy))
+        for name, value in _view_labels(cams).items():
+            labels[name].append(value)
         if progress and (n + 1) % 15 == 0:
             print(f"rendered {n + 1}/{len(scenes)} scenes ({time.time() - start:.0f} s)", flush=True)
     return WorldRenders(torch.cat(images), {k: torch.cat(v) for k, v in labels.items()}, spec)
@@ -200,6 +211,58 @@ def world_renders(spec: RenderSpec = RenderSpec(), scenes: list[Scene] | None = 
     return renders
 
 
+class CompositionRenders:
+    """Renders of two-object scenes: images (N, 3, R, R) uint8, `scene` (N,) the index of each
+    image's composition in `compositions`, and the camera labels of `WorldRenders`."""
+
+    FIELDS = ("scene", "view", "elevation", "azimuth", "distance", "fovy")
+
+    def __init__(self, images: torch.Tensor, labels: dict[str, torch.Tensor], compositions: list, spec: RenderSpec):
+        self.images, self.compositions, self.spec = images, list(compositions), spec
+        self.scene = labels["scene"].long()
+        self.view = labels["view"].long()
+        for name in ("elevation", "azimuth", "distance", "fovy"):
+            setattr(self, name, labels[name].float())
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def composition_renders(spec: RenderSpec, compositions: list, cache_dir: str | Path | None = None,
+                        use_cache: bool = True, progress: bool = False) -> CompositionRenders:
+    """The renders of `spec` (`views_per_scene` each) of two-object scenes, cached like `world_renders`
+    (keyed by the spec and the compositions' captions)."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = json.dumps([DATASET_VERSION, spec.to_dict(), [c.caption for c in compositions]], sort_keys=True)
+    path = cache_dir / "world" / (f"compositions-{spec.resolution}px-{len(compositions)}x{spec.views_per_scene}-"
+                                  f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
+    if use_cache and path.exists():
+        try:
+            with np.load(path) as data:
+                labels = {name: torch.from_numpy(data[name]) for name in CompositionRenders.FIELDS}
+                return CompositionRenders(torch.from_numpy(data["images"]), labels, compositions, spec)
+        except Exception:
+            pass  # a damaged cache file is rebuilt below
+    images, labels = [], {name: [] for name in CompositionRenders.FIELDS}
+    start = time.time()
+    for n, composition in enumerate(compositions):
+        rgb, cams = render_views(spec, composition)
+        images.append(rgb)
+        labels["scene"].append(torch.full((cams.batch_size,), n))
+        for name, value in _view_labels(cams).items():
+            labels[name].append(value)
+        if progress and (n + 1) % 100 == 0:
+            print(f"rendered {n + 1}/{len(compositions)} two-object scenes ({time.time() - start:.0f} s)", flush=True)
+    renders = CompositionRenders(torch.cat(images), {k: torch.cat(v) for k, v in labels.items()}, compositions, spec)
+    if use_cache:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, images=renders.images.numpy(),
+                            **{name: getattr(renders, name).numpy() for name in CompositionRenders.FIELDS})
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getvalue())
+    return renders
+
+
 # --- captions --------------------------------------------------------------------------------
 
 def canonical_phrasings(category: str, color: str) -> list[str]:
@@ -221,15 +284,18 @@ def scene_phrasings(category: str, color: str) -> list[str]:
 
 class CaptionTable:
     """All captions of a set of scenes (phrasings x {no suffix, 4 view suffixes}) and the rule
-    that draws one per image. `texts[0]` is the empty caption (caption dropout / unconditional)."""
+    that draws one per image. `texts[0]` is the empty caption (caption dropout / unconditional).
+    A scene is a `Scene` or a two-object `Composition` (its phrasings: `composition_phrasings`)."""
 
-    def __init__(self, scenes: list[Scene] | None = None, canonical_prob: float = 0.5, view_prob: float = 0.75):
+    def __init__(self, scenes: list | None = None, canonical_prob: float = 0.5, view_prob: float = 0.75):
+        from .compositions import composition_phrasings
+
         scenes = list(scenes) if scenes is not None else all_scenes()
         self.canonical_prob = canonical_prob
         self.view_prob = view_prob
         texts = [""]
         index: dict[str, int] = {"": 0}
-        self._phrasings: dict[tuple[int, int], tuple[list[int], list[int]]] = {}  # -> (canonical, all) base indices
+        self._phrasings: dict[object, tuple[list[int], list[int]]] = {}  # scene -> (canonical, all) base indices
 
         def add(text: str) -> int:
             if text not in index:
@@ -239,32 +305,34 @@ class CaptionTable:
 
         self._suffixed: dict[tuple[int, int], int] = {}  # (base text index, view index) -> text index
         for scene in scenes:
-            all_ = scene_phrasings(scene.category, scene.color)
-            canon = canonical_phrasings(scene.category, scene.color)
+            if isinstance(scene, Scene):
+                all_ = scene_phrasings(scene.category, scene.color)
+                canon = canonical_phrasings(scene.category, scene.color)
+            else:
+                all_ = composition_phrasings(scene)
+                canon = all_[:1]
             ids = [add(t) for t in all_]
             for i, text in zip(ids, all_):
                 for v, view in enumerate(VIEW_NAMES):
                     self._suffixed[(i, v)] = add(with_view(text, view))
-            key = (CATEGORIES.index(scene.category), COLOR_NAMES.index(scene.color))
-            self._phrasings[key] = ([index[t] for t in canon], ids)
+            self._phrasings[scene] = ([index[t] for t in canon], ids)
         self.texts = texts
         self.index = index
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def sample(self, category: int, color: int, view: int, generator: torch.Generator) -> int:
-        """Index into `texts` of a random caption of one image (4 draws from `generator`)."""
-        canon, all_ = self._phrasings[(int(category), int(color))]
+    def sample_scene(self, scene, view: int, generator: torch.Generator) -> int:
+        """Index into `texts` of a random caption of one image of `scene` (4 draws from `generator`)."""
+        canon, all_ = self._phrasings[scene]
         r = torch.rand(4, generator=generator).tolist()
         pool = canon if r[0] < self.canonical_prob else all_
         base = pool[min(int(r[1] * len(pool)), len(pool) - 1)]
         return self._suffixed[(base, int(view))] if r[2] < self.view_prob else base
 
-    def sample_batch(self, category: torch.Tensor, color: torch.Tensor, view: torch.Tensor,
-                     generator: torch.Generator) -> torch.Tensor:
-        return torch.tensor([self.sample(k, c, v, generator) for k, c, v in
-                             zip(category.tolist(), color.tolist(), view.tolist())], dtype=torch.long)
+    def sample(self, category: int, color: int, view: int, generator: torch.Generator) -> int:
+        """`sample_scene` for the one-object scene of (category, colour) indices."""
+        return self.sample_scene(Scene(CATEGORIES[int(category)], COLOR_NAMES[int(color)]), view, generator)
 
 
 def caption_vocabulary(scenes: list[Scene] | None = None) -> list[str]:

@@ -255,7 +255,7 @@ class StepConditioned(nn.Module):
 
 
 def text_dim(teacher) -> int:
-    """The width of a teacher's text conditioning (384 for the embedded teacher)."""
+    """The width of a teacher's text conditioning (384 for the embedded teacher, 384 * 3 with text slots)."""
     return int(teacher.encode_prompt([""]).cond.shape[-1])
 
 
