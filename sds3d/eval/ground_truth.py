@@ -146,21 +146,21 @@ def binding_scores(image: torch.Tensor, truth_rgb: torch.Tensor, object_ids: tor
     `object_id_map`: per object i the per-channel median of the image over the truth region R_i, and
     of the truth over R_i. Object i is bound right when the image's median is nearer the truth median
     of R_i than that of the other object's region (Euclidean); `bound` is both right, `None` when the
-    two truth medians are within `tolerance` (the same colour: nothing to bind). `silhouette_iou` is
+    two truth medians are within `tolerance` (the same colour: nothing to bind) or one object is hidden. `silhouette_iou` is
     the IoU of the image's pixels off the background (any channel below background - tolerance) and
     the truth's object pixels: a coarse check of the layout, since an image model is conditioned on
     the camera's direction but not its distance."""
     img = image.float().reshape(3, -1)
     ref = truth_rgb.float().reshape(3, -1)
     ids = object_ids.reshape(-1)
-    regions = [ids == i for i in (0, 1)]
-    if not all(r.any() for r in regions):
-        return {"bound": None, "objects_right": [None, None], "silhouette_iou": None}
-    truth_med = [ref[:, r].median(1).values for r in regions]
-    image_med = [img[:, r].median(1).values for r in regions]
     drawn = (img < background - tolerance).any(0)
     solid = ids >= 0
     iou = float((drawn & solid).sum() / (drawn | solid).sum().clamp(min=1))
+    regions = [ids == i for i in (0, 1)]
+    if not all(r.any() for r in regions):  # one object hides the other from this camera
+        return {"bound": None, "objects_right": [None, None], "silhouette_iou": iou}
+    truth_med = [ref[:, r].median(1).values for r in regions]
+    image_med = [img[:, r].median(1).values for r in regions]
     if float((truth_med[0] - truth_med[1]).norm()) < tolerance:
         return {"bound": None, "objects_right": [None, None], "silhouette_iou": iou}
     right = [bool((image_med[i] - truth_med[i]).norm() < (image_med[i] - truth_med[1 - i]).norm()) for i in (0, 1)]

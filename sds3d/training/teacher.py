@@ -669,7 +669,7 @@ def evaluate_compositions(teacher: EmbeddedTeacher, prompts: list[str], steps: i
         scores = [binding_scores(images[k * len(views) + v], truth["rgb"][v], ids[v]) for v in range(len(views))]
         defined = [s["bound"] for s in scores if s["bound"] is not None]
         rows.append({"prompt": prompt, "bound": sum(defined) / len(defined) if defined else None,
-                     "silhouette_iou": sum(s["silhouette_iou"] or 0.0 for s in scores) / len(scores),
+                     "silhouette_iou": sum(s["silhouette_iou"] for s in scores) / len(scores),
                      "views": [{"view": name, **s} for name, s in zip(views, scores)]})
     bound = [r["bound"] for r in rows if r["bound"] is not None]
     record = {"prompts": len(prompts), "images": len(todo), "steps": steps, "guidance": guidance, "seed": seed,
