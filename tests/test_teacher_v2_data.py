@@ -334,3 +334,29 @@ def test_check_run_follows_the_exported_compositions_flag(trained, tmp_path):
     message = str(info.value)
     assert "two-object" in message and "\n" not in message, message
     check_run(make_config("smoke", prompt="a red cube", teacher=str(copy)))  # one object stays fine
+
+
+def test_teacher_eval_of_a_composition_teacher_scores_seen_and_unseen_two_object_scenes(trained, tmp_path):
+    """`sds3d teacher eval` of a teacher trained on compositions adds their own measure to eval.json: its
+    trained composition prompts and 12 compositions it never saw (none of its training set), and the
+    model card quotes those figures."""
+    from sds3d.cli import main
+
+    trainer, folder = trained
+    out = tmp_path / "eval"
+    assert main(["teacher", "eval", "--teacher", str(folder), "--out", str(out), "--samples-per-prompt", "1",
+                 "--steps", "1", "--threads", "1"]) == 0
+    record = json.loads((out / "eval.json").read_text())["compositions"]
+    assert [r["prompt"] for r in record["seen"]["per_prompt"]] == [RED_ON_BLUE_TEXT]
+    unseen = [r["prompt"] for r in record["unseen"]["per_prompt"]]
+    trained_set = {c.caption for c in trainer.scenes if isinstance(c, Composition)}
+    assert len(unseen) == 12 and not set(unseen) & trained_set
+    assert all(isinstance(resolve_prompt(p), Composition) for p in unseen)
+    for part in ("seen", "unseen"):
+        rows = record[part]["per_prompt"]
+        bound = [r["bound"] for r in rows if r["bound"] is not None]
+        # the part's figure is the mean of its prompts' (each the share of its views bound right)
+        assert record[part]["bound"] == pytest.approx(sum(bound) / len(bound))
+        assert all(len(r["views"]) == 4 for r in rows)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"**{100 * record['unseen']['bound']:.1f}%**" in card and "compositions not in training" in card
