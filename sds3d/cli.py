@@ -285,8 +285,7 @@ def cmd_teacher(args) -> int:
         import os
         import shlex
 
-        from .teachers import is_embedded_teacher_folder
-        from .teachers.embedded import ASSET_DIR
+        from .teachers import SHIPPED_TEACHERS, embedded_folder, is_embedded_teacher_folder
         from .training.teacher import composition_eval_prompts, evaluate_compositions, write_model_card
 
         for name in ("samples_per_prompt", "steps", "threads"):
@@ -294,10 +293,10 @@ def cmd_teacher(args) -> int:
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         check_precision(args.precision, "--precision")
-        folder = ASSET_DIR if args.teacher in (None, "embedded") else Path(args.teacher)
+        folder = embedded_folder(args.teacher or "embedded")
         if not is_embedded_teacher_folder(folder):
             raise ValueError(f"{folder} is not an embedded teacher folder (no config.json of `sds3d teacher export`)")
-        shipped = folder.resolve() == ASSET_DIR.resolve()
+        shipped = any(folder.resolve() == path.resolve() for path in SHIPPED_TEACHERS.values())
         if args.out:
             out = Path(args.out)
             if out.resolve() != folder.resolve() and is_embedded_teacher_folder(out):

@@ -221,3 +221,26 @@ def test_kd_moves_a_toy_students_one_step_samples_to_the_exact_ode(tmp_path):
     run.train()
     after = rms(run.method.sample(run.student, cond, 1, None, x_T=x_T).x, exact)
     assert before > 0.15 and after < 0.4 * before, (before, after)
+
+
+def test_a_student_of_an_earlier_shipped_teacher_still_loads(tmp_path, monkeypatch):
+    """A student distilled from "embedded" keeps loading after the package ships a new default teacher
+    and the earlier one under its own name (SHIPPED_TEACHERS); with the earlier one gone, the one-line
+    error says it was made from another teacher."""
+    from sds3d import teachers
+    from sds3d.distill.students.common import network_sha256
+
+    torch.set_num_threads(1)
+    old, new = tiny_teacher(seed=0), tiny_teacher(seed=1)
+    old.save(tmp_path / "old", prompt_table=PROMPTS)
+    new.save(tmp_path / "new", prompt_table=PROMPTS)
+    monkeypatch.setitem(teachers.SHIPPED_TEACHERS, "embedded", tmp_path / "old")
+    StudentRun(tmp_path / "kd", kd_config(steps=3, teacher="embedded"), OneStepKD, log=quiet, prompts=PROMPTS).train()
+    monkeypatch.setitem(teachers.SHIPPED_TEACHERS, "embedded", tmp_path / "new")
+    monkeypatch.setitem(teachers.SHIPPED_TEACHERS, "embedded-v1", tmp_path / "old")
+    student, _, meta = load_student(tmp_path / "kd", METHODS)
+    shipped = {name: network_sha256(teachers.load_teacher(str(tmp_path / name)).network) for name in ("old", "new")}
+    assert network_sha256(student.teacher.network) == meta["teacher"]["network_sha256"] == shipped["old"] != shipped["new"]
+    monkeypatch.setitem(teachers.SHIPPED_TEACHERS, "embedded-v1", tmp_path / "missing")
+    with pytest.raises(StudentFolderError, match="another teacher"):
+        load_student(tmp_path / "kd", METHODS)

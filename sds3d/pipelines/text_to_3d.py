@@ -43,7 +43,7 @@ from .regularizers import (ALBEDO_SMOOTH_POINTS, albedo_smoothness_loss, opacity
                            orientation_loss, surface_points, z_variance_loss)
 from ..nerf.render import render_image
 from ..diffusion.protocol import Cond
-from ..teachers import load_teacher, teacher_kind
+from ..teachers import embedded_folder, load_teacher, teacher_kind
 
 
 @dataclass
@@ -827,9 +827,9 @@ def _teacher_knows_compositions(spec: str, teacher=None) -> bool:
     metadata (the loaded teacher's `meta`, else its folder's config.json; the shipped one's lacks it)."""
     meta = getattr(teacher, "meta", None)
     if not isinstance(meta, dict):
-        from ..teachers.embedded import ASSET_DIR, CONFIG_FILE
+        from ..teachers.embedded import CONFIG_FILE
 
-        folder = ASSET_DIR if spec == "embedded" else Path(spec)
+        folder = embedded_folder(spec)
         try:
             meta = json.loads((folder / CONFIG_FILE).read_text())
         except (OSError, ValueError):  # a damaged folder fails later, with load_teacher's own line

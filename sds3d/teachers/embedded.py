@@ -19,7 +19,7 @@ from . import EMBEDDED_FORMAT
 from .text import slot_embeddings, slot_texts
 from .unet import LeanUNet, NetConfig
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "teacher"
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "teacher"  # SHIPPED_TEACHERS["embedded"]
 WEIGHTS_FILE = "model.safetensors"
 # The DDIM the embedded teacher's evaluations (model card, `teacher eval`) were made with: trailing
 # timesteps from T - 1 (zero terminal SNR), predicted x0 clamped to the pixel range, final abar = 1.

@@ -38,7 +38,7 @@ from ...diffusion.schedule import NoiseSchedule
 from ...diffusion.solvers import ddim_step, initial_noise, polynomial_timesteps
 from ...io import atomic_write_text, save_image
 from ...precision import PRECISIONS, describe_precision, resolve_precision
-from ...teachers import load_teacher
+from ...teachers import SHIPPED_TEACHERS, load_teacher
 from ...training.loop import LoopConfig, TrainingLoop
 
 STUDENT_FORMAT = "sds3d-student"
@@ -438,12 +438,24 @@ def read_student_folder(folder: str | Path) -> dict:
     return meta
 
 
+def shipped_teacher_with(sha256: str, precision: str = "auto"):
+    """The shipped teacher (`SHIPPED_TEACHERS`) whose network has this `network_sha256`, or None: a
+    student made when "embedded" named an earlier network keeps loading after the default changed."""
+    for spec, folder in SHIPPED_TEACHERS.items():
+        if (folder / "config.json").exists():
+            teacher = load_teacher(spec, autocast_bf16=resolve_precision(precision) == "bf16")
+            if network_sha256(teacher.network) == sha256:
+                return teacher
+    return None
+
+
 def load_student(folder: str | Path, methods: dict, teacher=None, use_ema: bool = True, precision: str = "auto"):
     """(StudentModel, method, student.json) of a trained student folder, for sampling.
 
     `methods` maps method names to classes (sds3d.distill.students.METHODS). The teacher is loaded
     from the spec the student was made from (or given) and must be the very network it was
-    distilled from (same weights hash), else StudentFolderError. A loaded embedded teacher, and so
+    distilled from (same weights hash), else StudentFolderError; a student of "embedded" made before
+    the shipped default changed loads with the earlier network it was made from (`shipped_teacher_with`). A loaded embedded teacher, and so
     the student, computes in `precision` (`sds3d.precision.resolve_precision`)."""
     folder = Path(folder)
     meta = read_student_folder(folder)
@@ -452,6 +464,9 @@ def load_student(folder: str | Path, methods: dict, teacher=None, use_ema: bool 
         raise StudentFolderError(f"{folder} was made by method {config.method!r}, which this sds3d does not know")
     if teacher is None:
         teacher = load_teacher(config.teacher, autocast_bf16=resolve_precision(precision) == "bf16")
+        if config.teacher in SHIPPED_TEACHERS and network_sha256(teacher.network) != meta["teacher"]["network_sha256"]:
+            # distilled from a teacher this package shipped before ("embedded" then meant that one)
+            teacher = shipped_teacher_with(meta["teacher"]["network_sha256"], precision) or teacher
     if network_sha256(teacher.network) != meta["teacher"]["network_sha256"]:
         raise StudentFolderError(f"{folder} was distilled from another teacher than {config.teacher!r} "
                                  "(its network weights differ): sample it with the teacher it was made from")
