@@ -26,10 +26,11 @@ The list (fixed here; `benchmark_list`), every prompt with seeds 0 .. --seeds - 
   Janus rule: a run fails when its accent strength is below 0.3 in front (no face) or above 0.05
   behind (a second face); the Janus rate is the share of failing runs.
 - multi: 6 two-object scenes with spatial relations (T3Bench's multiple-object set is the anchor).
-  A prompt the world refuses (UnsupportedPromptError) or the teacher cannot make (`check_run`: the
-  shipped embedded teacher was not trained on two-object scenes) is reported as not supported yet
-  instead of being run, so that the benchmark runs today and picks them up once a teacher learns
-  them (`--teacher oracle` runs them now).
+  The shipped embedded teacher makes them object by object in the world's layout
+  (`composition_guidance` auto: sds3d/pipelines/layout.py). A prompt the world refuses
+  (UnsupportedPromptError) or the teacher cannot make (`check_run`, e.g. with
+  `--set composition_guidance=whole`, which needs a teacher trained on whole two-object scenes) is
+  reported as not supported instead of being run.
 
 Runs: `sds3d batch` (sds3d/pipelines/batch.py), one batch folder per group under --batch-dir
 (default outputs/quality/<group>/, its prompt file beside it as <group>.txt, `PROMPT | seed=S`
@@ -163,7 +164,7 @@ def group_prompts(group: str) -> list[str]:
     raise ValueError(f"unknown group {group!r}: allowed are {', '.join(GROUPS)}")
 
 
-def canonical_caption(prompt: str, teacher: str = "embedded") -> tuple[str | None, str | None]:
+def canonical_caption(prompt: str, teacher: str = "embedded", sets: dict | None = None) -> tuple[str | None, str | None]:
     """(the caption of the scene the prompt resolves to, None) or (None, the first line of the
     error that refuses it: UnsupportedPromptError from the world, or `check_run`'s refusal of a
     scene the teacher was not trained on, e.g. two objects for the shipped embedded teacher).
@@ -179,7 +180,7 @@ def canonical_caption(prompt: str, teacher: str = "embedded") -> tuple[str | Non
         return None, str(error).splitlines()[0]
     if teacher_kind(teacher) in ("embedded", "oracle"):
         try:
-            check_run(make_config("cpu-fast", prompt=prompt, teacher=teacher))
+            check_run(make_config("cpu-fast", prompt=prompt, teacher=teacher, explicit=sets))
         except UnknownPromptError:
             raise
         except ValueError as error:
@@ -187,13 +188,15 @@ def canonical_caption(prompt: str, teacher: str = "embedded") -> tuple[str | Non
     return caption, None
 
 
-def benchmark_list(seeds: int = 2, groups=GROUPS, limit: int | None = None, teacher: str = "embedded") -> list[dict]:
+def benchmark_list(seeds: int = 2, groups=GROUPS, limit: int | None = None, teacher: str = "embedded",
+                   sets: dict | None = None) -> list[dict]:
     """Every run of the benchmark, seed-major within a group: {group, prompt, seed, canonical,
-    unsupported}; a prompt the world refuses has canonical None and its error in `unsupported`."""
+    unsupported}; a prompt the world refuses (or the teacher, under the --set items `sets`) has
+    canonical None and its error in `unsupported`."""
     entries = []
     for group in groups:
         prompts = group_prompts(group)[:limit]
-        resolved = {prompt: canonical_caption(prompt, teacher) for prompt in prompts}
+        resolved = {prompt: canonical_caption(prompt, teacher, sets) for prompt in prompts}
         for seed in range(seeds):
             for prompt in prompts:
                 canonical, error = resolved[prompt]
@@ -546,14 +549,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown preset {args.preset!r}: allowed are {', '.join(PRESETS)}")
         if args.resume and args.set:
             raise ValueError("--set applies to a new benchmark: a resumed one keeps the settings of its batch folders")
-        settings = {"teacher": args.teacher, **parse_overrides(args.set)}
+        sets = parse_overrides(args.set)
+        settings = {"teacher": args.teacher, **sets}
         groups = tuple(g for g in GROUPS if g in (args.only or GROUPS))
         batch_root = Path(args.batch_dir)
         interrupted = False
         if not args.summarize_only:
-            interrupted = run_benchmark(benchmark_list(args.seeds, groups, args.limit, args.teacher), batch_root, groups,
+            interrupted = run_benchmark(benchmark_list(args.seeds, groups, args.limit, args.teacher, sets), batch_root, groups,
                                         args.resume, args.preset, settings, args.workers, log)
-        text = write_results(benchmark_list(args.seeds, teacher=args.teacher), batch_root, Path(args.out), command, args.seeds)
+        text = write_results(benchmark_list(args.seeds, teacher=args.teacher, sets=sets), batch_root, Path(args.out), command, args.seeds)
     except KeyboardInterrupt:
         print(f"interrupted: the running runs stopped with a checkpoint; finish with: {resume_command}", file=sys.stderr)
         return 130

@@ -46,6 +46,11 @@ class GenerateConfig:
     distance_range: tuple[float, float] = (2.75, 2.75)
     fovy_range: tuple[float, float] = (45.0, 45.0)
     view_dependent_prompting: bool = True
+    # two-object prompts ("a red cube on top of a blue sphere"): "layout" learns each object in its
+    # box of the world's layout from its own caption (pipelines/layout.py), "whole" the whole scene
+    # from the whole caption (a teacher that binds each colour to its object: the oracle, a diffusers
+    # model); "auto" is "layout" for the embedded teacher and "whole" for the others
+    composition_guidance: str = "auto"
     # shading: albedo only until `lambertian_start`, then albedo with probability `albedo_prob`,
     # otherwise lambertian (DreamFusion's random shading). The world's teachers saw Lambertian
     # renders under the same light rule, so always shading (albedo_prob 0) is the consistent
@@ -134,6 +139,8 @@ class GenerateConfig:
         need(0.0 <= self.early_stop_eps < 1.0, "early_stop_eps", "must be in [0, 1) (0 turns early ray termination off)")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.loss in LOSSES, "loss", f"allowed are {', '.join(LOSSES)}")
+        need(self.composition_guidance in COMPOSITION_GUIDANCE, "composition_guidance",
+             f"allowed are {', '.join(COMPOSITION_GUIDANCE)}")
         need(self.loss == "sds" or self.teacher != "oracle", "loss",
              "vsd and nfsd need a network teacher (embedded or diffusers); the oracle supports sds")
         need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
@@ -238,6 +245,7 @@ class GenerateConfig:
 
 
 LOSSES = ("sds", "vsd", "nfsd")
+COMPOSITION_GUIDANCE = ("auto", "layout", "whole")
 TEACHERS = ("oracle", "embedded")
 EXPORT_FORMATS = ("glb", "obj", "ply")
 

@@ -610,9 +610,9 @@ def test_run_makes_its_cuda_device_current_before_building(tmp_path, monkeypatch
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(("set_device", torch.device(d))))
     make_field = text_to_3d.make_field
 
-    def fake_make_field(config, device):  # records the device, builds on the CPU (no CUDA here)
+    def fake_make_field(config, device, layout=None):  # records the device, builds on the CPU (no CUDA here)
         events.append(("make_field", torch.device(device)))
-        return make_field(config, "cpu")
+        return make_field(config, "cpu", layout)
 
     monkeypatch.setattr(text_to_3d, "make_field", fake_make_field)
     run = small_run(tmp_path) if device == "cpu" else None

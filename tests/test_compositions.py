@@ -149,8 +149,10 @@ def test_swapped_colours_score_wrong(truth_views):
 
 # --- honest teachers --------------------------------------------------------------------------
 
-def test_embedded_teacher_refuses_compositions_in_one_line():
-    config = make_config("smoke", prompt="a red cube on top of a blue sphere")
+def test_embedded_teacher_refuses_whole_compositions_in_one_line():
+    """Learnt as a whole (not by layout: tests/test_layout.py), a two-object scene needs a teacher
+    trained on them."""
+    config = make_config("smoke", prompt="a red cube on top of a blue sphere", explicit={"composition_guidance": "whole"})
     with pytest.raises(ValueError) as info:
         check_run(config)
     message = str(info.value)

@@ -178,7 +178,7 @@ def test_parts_and_shapes_still_resolve(prompt, category, color):
 # --- the CLI: one line, exit code 2, no folder ------------------------------------------------
 
 @pytest.mark.parametrize("prompt,word", [("two red cubes", "'two'"),
-                                         ("a red cube on top of a blue sphere", "'on top of'")])
+                                         ("a red cube under a blue sphere", "'under'")])
 def test_cli_prints_one_line_and_makes_no_folder(capsys, tmp_path, prompt, word):
     code = main(["generate", prompt, "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()

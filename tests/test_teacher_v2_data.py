@@ -321,18 +321,21 @@ def test_composition_settings_are_checked(tmp_path, single_renders, monkeypatch)
 # --- check_run ------------------------------------------------------------------------------
 
 def test_check_run_follows_the_exported_compositions_flag(trained, tmp_path):
+    """Learnt as a whole, a two-object scene needs `compositions: true`; learnt by layout it does not."""
     _, folder = trained
-    check_run(make_config("smoke", prompt=RED_ON_BLUE_TEXT, teacher=str(folder)))
+    whole = {"composition_guidance": "whole"}
+    check_run(make_config("smoke", prompt=RED_ON_BLUE_TEXT, teacher=str(folder), explicit=whole))
     copy = tmp_path / "no-compositions"
     shutil.copytree(folder, copy)
     meta = json.loads((copy / "config.json").read_text())
     del meta["compositions"]
     (copy / "config.json").write_text(json.dumps(meta))
-    config = make_config("smoke", prompt=RED_ON_BLUE_TEXT, teacher=str(copy))
+    config = make_config("smoke", prompt=RED_ON_BLUE_TEXT, teacher=str(copy), explicit=whole)
     with pytest.raises(ValueError) as info:
         check_run(config)
     message = str(info.value)
     assert "two-object" in message and "\n" not in message, message
+    check_run(make_config("smoke", prompt=RED_ON_BLUE_TEXT, teacher=str(copy)))  # auto: by layout
     check_run(make_config("smoke", prompt="a red cube", teacher=str(copy)))  # one object stays fine
 
 

@@ -132,15 +132,27 @@ cuts the shaded grain of trained runs 2.8-3.1x (benchmarks/speckle.py)."""
 
 
 class NeRFField(nn.Module):
-    """Density and albedo in the box [-radius, radius]^3; zero density outside it."""
+    """Density and albedo in the box [-radius, radius]^3; zero density outside it.
+
+    With `regions` (a layout of objects: Set-the-Scene, Cohen-Bar et al. 2023; GraphDreamer, Gao et
+    al. 2024) density lives only inside the regions' boxes, and each region starts from its own blob,
+    the single-object blob scaled by the region's scale about its centre. `only_region(k)` keeps
+    region k alone, so that a render from cameras around it shows that object as if it were alone.
+    `regions` is a dict of tensors: "lo", "hi" (K, 3) the boxes, "centre" (K, 3), "scale" (K,)."""
 
     def __init__(self, radius: float = 1.0, encoding: HashGridEncoding | None = None, hidden_dim: int = 64,
                  n_hidden_layers: int = 1, blob_density: float = 10.0, blob_radius: float = 0.5,
-                 normals: str = "auto", normal_eps: float = 0.01, **encoding_kwargs):
+                 normals: str = "auto", normal_eps: float = 0.01, regions: dict[str, torch.Tensor] | None = None,
+                 **encoding_kwargs):
         super().__init__()
         if normals not in NORMAL_MODES:
             raise ValueError(f"normals must be one of {NORMAL_MODES}, got {normals!r}")
         self.radius, self.blob_density, self.blob_radius = radius, blob_density, blob_radius
+        self.active_region: int | None = None
+        self.has_regions = regions is not None
+        if regions is not None:  # buffers: saved with the field, moved with it
+            for name in ("lo", "hi", "centre", "scale"):
+                self.register_buffer(f"region_{name}", torch.as_tensor(regions[name], dtype=torch.float32).clone())
         self.normals, self.normal_eps = normals, normal_eps
         self.encoding = encoding if encoding is not None else HashGridEncoding(**encoding_kwargs)
         dims = [self.encoding.output_dim] + [hidden_dim] * n_hidden_layers
@@ -153,10 +165,52 @@ class NeRFField(nn.Module):
         return (x / self.radius + 1.0) * 0.5
 
     def inside(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.abs() <= self.radius * (1 + 1e-6)).all(-1)
+        """Where density may be non-zero: the box, and with regions inside one (the active one) of them."""
+        inside = (x.abs() <= self.radius * (1 + 1e-6)).all(-1)
+        if not self.has_regions:
+            return inside
+        lo, hi = self._regions("lo"), self._regions("hi")
+        in_region = ((x[:, None] >= lo) & (x[:, None] <= hi)).all(-1).any(-1)  # (N, K) -> (N,)
+        return inside & in_region
+
+    def _regions(self, name: str) -> torch.Tensor:
+        """A region buffer, (K, ...), or only the active region's (1, ...)."""
+        value = getattr(self, f"region_{name}")
+        return value if self.active_region is None else value[self.active_region : self.active_region + 1]
+
+    @contextlib.contextmanager
+    def only_region(self, index: int):
+        """Within the block, density lives in region `index` alone (the other objects vanish)."""
+        if not self.has_regions or not 0 <= index < self.region_lo.shape[0]:
+            raise ValueError(f"region {index} does not exist: this field has "
+                             f"{self.region_lo.shape[0] if self.has_regions else 0} regions")
+        saved, self.active_region = self.active_region, index
+        try:
+            yield self
+        finally:
+            self.active_region = saved
+
+    def _blob_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(offsets x - c (N, 3), their norms (N,), radii (N,)) of the blob each point takes: the one
+        at the origin, or with regions the region whose blob is highest there (all of them, not only
+        the active one: a region's density must not change when it is rendered alone)."""
+        if not self.has_regions:
+            return x, x.norm(dim=-1), x.new_full(x.shape[:1], self.blob_radius)
+        centre, radius = self.region_centre, self.blob_radius * self.region_scale  # (K, 3), (K,)
+        offsets = x[:, None] - centre  # (N, K, 3)
+        dist = offsets.norm(dim=-1)
+        k = (1.0 - dist / radius).argmax(-1)  # (N,)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return offsets[rows, k], dist[rows, k], radius[k]
 
     def blob(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blob_density * (1.0 - x.norm(dim=-1) / self.blob_radius)
+        _, dist, radius = self._blob_parts(x)
+        return self.blob_density * (1.0 - dist / radius)
+
+    def blob_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """d blob / dx (N, 3): -blob_density / radius along the unit offset from the blob's centre."""
+        offsets, dist, radius = self._blob_parts(x)
+        return -(self.blob_density / radius)[:, None] * offsets / dist.clamp_min(1e-9)[:, None]
 
     @property
     def normal_mode(self) -> str:
@@ -212,8 +266,7 @@ class NeRFField(nn.Module):
             # then through the encoding's Jacobian (D, 3, N), one coordinate at a time (contiguous rows);
             # the MLP part is w.r.t. the unit coordinates u = (x / radius + 1) / 2.
             grad = torch.stack([(j_k * g).sum(0) for j_k in j.unbind(1)], dim=1) * (0.5 / self.radius)
-            r = x.norm(dim=-1, keepdim=True).clamp_min(1e-9)
-            grad = grad - (self.blob_density / self.blob_radius) * x / r
+            grad = grad + self.blob_gradient(x)
             # softplus' > 0 only scales the gradient, so it is left out: the direction is the same,
             # and it cannot underflow to a zero normal where the density is tiny.
             result["normal"] = -F.normalize(grad, dim=-1)

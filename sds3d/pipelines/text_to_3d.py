@@ -38,6 +38,7 @@ from ..nerf.backends import describe_backends, field_device, make_occupancy
 from ..geometry.views import VIEW_NAMES, view_names
 from ..geometry.cameras import camera_directions, camera_rays, orbit_cameras, sample_cameras
 from ..nerf.field import NeRFField
+from .layout import ObjectRegion, concat_cameras, layout_regions, object_cameras, region_of_image, region_tensors
 from .report import write_run_report
 from .regularizers import (ALBEDO_SMOOTH_POINTS, albedo_smoothness_loss, opacity_entropy_loss, opacity_sparsity_loss,
                            orientation_loss, surface_points, z_variance_loss)
@@ -229,12 +230,32 @@ def make_teacher(config: GenerateConfig, device: torch.device | str = "cpu"):
                         autocast_bf16=resolve_precision(config.precision, device, nerf_loop=True) == "bf16")
 
 
-def make_field(config: GenerateConfig, device: torch.device | str = "cpu") -> NeRFField:
+def make_field(config: GenerateConfig, device: torch.device | str = "cpu",
+               layout: list[ObjectRegion] | None = None) -> NeRFField:
+    """The run's field; with a `layout` (`composition_layout`) density lives in the objects' boxes only."""
     device = torch.device(device)
     return NeRFField(device=device, n_levels=config.n_levels, log2_hashmap_size=config.log2_hashmap_size,
                      base_resolution=config.base_resolution, max_resolution=config.max_resolution,
                      hidden_dim=config.hidden_dim, blob_density=config.blob_density, blob_radius=config.blob_radius,
-                     backend=config.encoding_backend).to(device)
+                     backend=config.encoding_backend, regions=region_tensors(layout) if layout else None).to(device)
+
+
+def composition_layout(config: GenerateConfig) -> list[ObjectRegion] | None:
+    """The objects' regions when the run learns a two-object prompt object by object
+    (pipelines/layout.py): a world teacher, a prompt the world resolves to a Composition, and
+    `composition_guidance` "layout" (or "auto" with the embedded teacher). Otherwise None."""
+    kind = teacher_kind(config.teacher)
+    if kind not in ("oracle", "embedded") or config.composition_guidance == "whole" \
+            or (config.composition_guidance == "auto" and kind != "embedded"):
+        return None
+    from ..world.compositions import Composition
+    from ..world.prompts import resolve_prompt
+
+    try:
+        scene = resolve_prompt(config.prompt)
+    except ValueError:  # `check_run` refuses such prompts
+        return None
+    return layout_regions(scene) if isinstance(scene, Composition) else None
 
 
 def make_optimizer(config: GenerateConfig, nerf: NeRFField) -> torch.optim.Optimizer:
@@ -309,10 +330,10 @@ def conditioning_note(config: GenerateConfig) -> str | None:
     return f"sds3d: {config.prompt!r} is the world's {text!r}; the teacher is conditioned on that caption"
 
 
-def view_prompts(config: GenerateConfig, views: list[str]) -> list[str]:
-    """The teacher's prompt for each view: `conditioning_prompt` with DreamFusion's view suffix
-    (", front view") when `view_dependent_prompting`, else as it is."""
-    prompt = conditioning_prompt(config)
+def view_prompts(config: GenerateConfig, views: list[str], prompt: str | None = None) -> list[str]:
+    """The teacher's prompt for each view: `prompt` (default `conditioning_prompt`) with DreamFusion's
+    view suffix (", front view") when `view_dependent_prompting`, else as it is."""
+    prompt = conditioning_prompt(config) if prompt is None else prompt
     if not config.view_dependent_prompting:
         return [prompt] * len(views)
     from ..world.captions import with_view
@@ -349,7 +370,8 @@ class TextTo3D:
             # tiny-cuda-nn allocates its grid (and nerfacc launches its kernels) on the *current* CUDA
             # device, not on the one a tensor names: make --device cuda:N current before building anything.
             torch.cuda.set_device(self.device)
-        self.field = make_field(self.config, self.device)
+        self.layout = composition_layout(self.config)
+        self.field = make_field(self.config, self.device, self.layout)
         self.optimizer = make_optimizer(self.config, self.field)
         # nerfacc's OccGridEstimator for a field on CUDA (when its extension loads), else our OccupancyGrid
         self.occupancy = make_occupancy(field_device(self.field), resolution=self.config.occupancy_resolution,
@@ -507,7 +529,11 @@ class TextTo3D:
                   flush=True)
         self._write_config()
         prompts_by_view = dict(zip(VIEW_NAMES, view_prompts(cfg, list(VIEW_NAMES))))
-        self._encode(list(prompts_by_view.values()))  # builds the teacher's data once, up front
+        # a layout run: each object's own caption per view instead (the whole prompt is not shown)
+        self.region_prompts = [dict(zip(VIEW_NAMES, view_prompts(cfg, list(VIEW_NAMES), region.caption)))
+                               for region in self.layout or []]
+        for prompts in self.region_prompts or [prompts_by_view]:
+            self._encode(list(prompts.values()))  # builds the teacher's data once, up front
         if self.step == 0:
             self.occupancy.update(self.field, step=0, generator=self.generator)
 
@@ -585,16 +611,21 @@ class TextTo3D:
         shading = shading_for_step(cfg, self.step, self.generator)
         need_normals = shading != "albedo" or cfg.lambda_orientation > 0
         backgrounds = sample_backgrounds(cfg, cfg.batch_size, self.generator)
-        out = render_image(self.field, cameras, occupancy=self.occupancy, num_samples=cfg.num_samples,
-                           shading=shading, background=backgrounds, generator=self.generator,
-                           need_normals=need_normals, early_stop_eps=cfg.early_stop_eps, jitter=cfg.jitter_pixels)
-        cond = self._encode([prompts_by_view[v] for v in view_names(cameras)])
+        if self.layout is None:
+            out = render_image(self.field, cameras, occupancy=self.occupancy, num_samples=cfg.num_samples,
+                               shading=shading, background=backgrounds, generator=self.generator,
+                               need_normals=need_normals, early_stop_eps=cfg.early_stop_eps, jitter=cfg.jitter_pixels)
+            prompts = [prompts_by_view[v] for v in view_names(cameras)]
+            base_prompts = [conditioning_prompt(cfg)] * len(prompts)
+        else:
+            out, cameras, prompts, base_prompts = self._render_objects(cameras, shading, backgrounds, need_normals)
+        cond = self._encode(prompts)
         # used by teachers that model them (the oracle): the background behind the object, the camera
         cond.extra["background"] = backgrounds
         cond.extra["camera_dirs"] = camera_directions(cameras)
         t_min, t_max = annealed_range(self.step, cfg.steps, cfg.t_min, cfg.t_max, cfg.t_max_end)
         try:
-            terms = self._distillation_terms(out["rgb"], cond, cameras, t_min, t_max)
+            terms = self._distillation_terms(out["rgb"], cond, cameras, t_min, t_max, base_prompts)
         except FloatingPointError as error:  # the score losses' own guard (NonFiniteGradientError)
             self._stop_non_finite(f"the {cfg.loss} term: {str(error).splitlines()[0]}")
         if cfg.lambda_orientation > 0:
@@ -611,10 +642,34 @@ class TextTo3D:
             terms["albedo_smooth"] = cfg.lambda_albedo_smooth * albedo_smoothness_loss(self.field, points, self.generator)
         return terms
 
+    def _render_objects(self, cameras, shading: str, backgrounds: torch.Tensor, need_normals: bool):
+        """A layout run's renders (pipelines/layout.py): image i looks at object `region_of_image`
+        alone, from camera i moved into the object's frame, with that object's caption; the samples
+        a ray takes grow as the object shrinks, so they are as dense on it as on an object alone.
+        Returns (renders, the moved cameras, view prompts, prompts without view suffix)."""
+        cfg = self.config
+        parts, moved, prompts, base_prompts = [], [], [], []
+        for i in range(cameras.batch_size):
+            k = region_of_image(self.step, i, cameras.batch_size, len(self.layout))
+            region = self.layout[k]
+            camera = object_cameras(cameras[i], region)
+            with self.field.only_region(k):
+                parts.append(render_image(self.field, camera, occupancy=self.occupancy,
+                                          num_samples=max(1, round(cfg.num_samples / region.scale)), shading=shading,
+                                          background=backgrounds[i : i + 1], generator=self.generator,
+                                          need_normals=need_normals, early_stop_eps=cfg.early_stop_eps,
+                                          jitter=cfg.jitter_pixels))
+            moved.append(camera)
+            prompts.append(self.region_prompts[k][view_names(camera)[0]])
+            base_prompts.append(region.caption)
+        out = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        return out, concat_cameras(moved), prompts, base_prompts
+
     def _distillation_terms(self, images: torch.Tensor, cond: Cond, cameras, t_min: float,
-                            t_max: float) -> dict[str, torch.Tensor]:
+                            t_max: float, base_prompts: list[str]) -> dict[str, torch.Tensor]:
         """The configured score-distillation loss on the renders (plus, for vsd, the LoRA's own loss:
-        the two touch disjoint parameters, so one backward serves both optimizers)."""
+        the two touch disjoint parameters, so one backward serves both optimizers). `base_prompts`:
+        each image's prompt without its view suffix (the LoRA's)."""
         cfg = self.config
         guidance = annealed_guidance(self.step, cfg.steps, cfg.guidance_scale, cfg.guidance_scale_end)
         if cfg.loss == "sds":
@@ -624,7 +679,7 @@ class TextTo3D:
             return {"nfsd": nfsd_loss(self.teacher, images, cond, null_cond, guidance, t_min, t_max, self.generator).loss}
         # ProlificDreamer / threestudio: the teacher sees the view-dependent prompt, the LoRA the
         # prompt without view suffix (its camera input says where it looks from).
-        lora_cond = self._encode([conditioning_prompt(cfg)] * len(cond.prompts))
+        lora_cond = self._encode(base_prompts)
         score = vsd_loss(self.teacher, self.lora, images, cond, cameras.c2w, guidance,
                          cfg.lora_guidance_scale, t_min, t_max, self.generator, lora_cond=lora_cond)
         lora_loss = lora_diffusion_loss(self.teacher, self.lora, None, lora_cond, cameras.c2w, self.generator,
@@ -799,8 +854,9 @@ class TextTo3D:
 def check_run(config: GenerateConfig, teacher=None) -> GenerateConfig:
     """The checks a run passes before any folder is made: the config's values; for the world's teachers
     a prompt the world knows (UnknownPromptError naming the nearest known prompts), and a two-object scene
-    (a Composition) only for a teacher that learnt them (the oracle; an embedded teacher whose metadata says
-    `compositions: true`, which the shipped one's does not); for a diffusers
+    (a Composition) learnt as a whole only from a teacher that learnt them (the oracle; an embedded
+    teacher whose metadata says `compositions: true`, which the shipped one's does not; a layout run,
+    `composition_layout`, needs single objects only); for a diffusers
     teacher not given as an object, a folder that is there, or a hub id in the local cache or on a hub
     that answers (`teachers.diffusers.check_teacher_spec`: at once, not after retries)."""
     config.validate()
@@ -810,11 +866,11 @@ def check_run(config: GenerateConfig, teacher=None) -> GenerateConfig:
 
         scene = resolve_prompt(config.prompt)
         if isinstance(scene, Composition) and teacher_kind(config.teacher) == "embedded" \
-                and not _teacher_knows_compositions(config.teacher, teacher):
+                and composition_layout(config) is None and not _teacher_knows_compositions(config.teacher, teacher):
             parts = " or ".join(repr(s.caption) for s in (scene.first, scene.second))
-            raise ValueError(f"{config.prompt!r} is a two-object scene ({scene.relation!r}); the embedded teacher was not "
-                             f"trained on them yet: use --teacher oracle (the exact denoiser of world renders) or a "
-                             f"diffusers teacher; or try {parts} alone")
+            raise ValueError(f"{config.prompt!r} is a two-object scene ({scene.relation!r}) and this embedded teacher was "
+                             f"not trained on whole ones: use composition_guidance=layout (each object from its own "
+                             f"caption), --teacher oracle, or a diffusers teacher; or try {parts} alone")
     elif teacher is None:
         from ..teachers.diffusers import check_teacher_spec
 
