@@ -518,6 +518,10 @@ class TextTo3D:
             print(describe_precision(cfg.precision, self.device, nerf_loop=True), file=sys.stderr, flush=True)
             if (note := conditioning_note(cfg)) is not None:
                 print(note, file=sys.stderr, flush=True)
+            if self.layout:
+                objects = " and ".join(repr(region.caption) for region in self.layout)
+                print(f"sds3d: two objects, learnt one at a time in the world's layout: {objects} "
+                      f"(composition_guidance={cfg.composition_guidance})", file=sys.stderr, flush=True)
         if self.teacher is None:
             self.teacher = make_teacher(cfg, self.device)
         if cfg.loss == "vsd":
