@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from sds3d.config import make_config
-from sds3d.geometry.cameras import orbit_cameras, sample_cameras
+from sds3d.geometry.cameras import concat_cameras, orbit_cameras, sample_cameras
 from sds3d.nerf.field import NeRFField
-from sds3d.pipelines.layout import concat_cameras, layout_regions, object_cameras, region_of_image, region_tensors
+from sds3d.pipelines.layout import layout_regions, object_cameras, region_of_image, region_tensors
 from sds3d.pipelines.text_to_3d import TextTo3D, check_run, composition_layout
 from sds3d.world.compositions import Composition
 from sds3d.world.render import render_scene

@@ -15,7 +15,7 @@ import skimage.measure
 import torch
 import trimesh
 
-from ..geometry.cameras import Camera, camera_rays, orbit_cameras, ray_box_intersect
+from ..geometry.cameras import Camera, camera_rays, concat_cameras, orbit_cameras, ray_box_intersect
 
 # threestudio extracts NeRF meshes at the isosurface density 25 (`isosurface_threshold: 25.`).
 # Density is extinction per unit length: at 25 the mean free path is 1/25 = 0.04, about 2.5 cells of
@@ -60,9 +60,7 @@ def selection_cameras(resolution: int = 64) -> Camera:
     half-way between the 8 evaluation views (which judge the result), and 4 from 60 degrees above."""
     low = orbit_cameras(8, resolution, elevation_deg=15.0, distance=2.75, fovy_deg=45.0, start_azimuth_deg=22.5)
     high = orbit_cameras(4, resolution, elevation_deg=60.0, distance=2.75, fovy_deg=45.0, start_azimuth_deg=45.0)
-    return Camera(torch.cat([low.c2w, high.c2w]), torch.cat([low.fovy, high.fovy]), resolution, resolution,
-                  torch.cat([low.elevation_deg, high.elevation_deg]), torch.cat([low.azimuth_deg, high.azimuth_deg]),
-                  torch.cat([low.distance, high.distance]))
+    return concat_cameras([low, high])
 
 
 def sample_grid(grid: np.ndarray | torch.Tensor, points: torch.Tensor, radius: float = 1.0) -> torch.Tensor:

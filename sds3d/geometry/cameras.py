@@ -45,6 +45,18 @@ class Camera:
                       pick(self.elevation_deg), pick(self.azimuth_deg), pick(self.distance))
 
 
+
+def concat_cameras(cameras: list[Camera]) -> Camera:
+    """One batch of the cameras of several (all of one image size); an optional label (angles,
+    distance) is kept only when every batch has it."""
+    def cat(name):
+        values = [getattr(c, name) for c in cameras]
+        return None if any(v is None for v in values) else torch.cat(values)
+
+    first = cameras[0]
+    return Camera(cat("c2w"), cat("fovy"), first.height, first.width, cat("elevation_deg"), cat("azimuth_deg"),
+                  cat("distance"))
+
 def look_at(eye: torch.Tensor, target: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
     """OpenGL camera-to-world matrices (B, 4, 4) for cameras at `eye` (B, 3) looking at `target`."""
     eye = eye.float()

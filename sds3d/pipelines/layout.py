@@ -77,14 +77,3 @@ def region_of_image(step: int, index: int, batch_size: int, regions: int) -> int
     """Which object the `index`-th image of a step's batch looks at: images take the objects in turn,
     continuing across steps, so that every object gets the same share of the steps."""
     return (step * batch_size + index) % regions
-
-
-def concat_cameras(cameras: list[Camera]) -> Camera:
-    """One batch of the cameras of several (all of one image size)."""
-    def cat(name):
-        values = [getattr(c, name) for c in cameras]
-        return None if any(v is None for v in values) else torch.cat(values)
-
-    first = cameras[0]
-    return Camera(cat("c2w"), cat("fovy"), first.height, first.width, cat("elevation_deg"), cat("azimuth_deg"),
-                  cat("distance"))

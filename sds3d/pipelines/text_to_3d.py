@@ -36,9 +36,9 @@ from ..threads import ThreadGovernor
 from ..io import CheckpointError, RunFolderError, atomic_save_torch, atomic_write_text, load_torch_file, run_folder, slugify
 from ..nerf.backends import describe_backends, field_device, make_occupancy
 from ..geometry.views import VIEW_NAMES, view_names
-from ..geometry.cameras import camera_directions, camera_rays, orbit_cameras, sample_cameras
+from ..geometry.cameras import camera_directions, camera_rays, concat_cameras, orbit_cameras, sample_cameras
 from ..nerf.field import NeRFField
-from .layout import ObjectRegion, concat_cameras, layout_regions, object_cameras, region_of_image, region_tensors
+from .layout import ObjectRegion, layout_regions, object_cameras, region_of_image, region_tensors
 from .report import write_run_report
 from .regularizers import (ALBEDO_SMOOTH_POINTS, albedo_smoothness_loss, opacity_entropy_loss, opacity_sparsity_loss,
                            orientation_loss, surface_points, z_variance_loss)
