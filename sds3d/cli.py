@@ -286,7 +286,7 @@ def cmd_teacher(args) -> int:
         import shlex
 
         from .teachers import SHIPPED_TEACHERS, embedded_folder, is_embedded_teacher_folder
-        from .training.teacher import composition_eval_prompts, evaluate_compositions, write_model_card
+        from .training.teacher import composition_eval_prompts, evaluate_compositions, evaluate_views, write_model_card
 
         for name in ("samples_per_prompt", "steps", "threads"):
             value = getattr(args, name)
@@ -323,6 +323,9 @@ def cmd_teacher(args) -> int:
         record, images = evaluate_teacher(teacher, samples_per_prompt=args.samples_per_prompt, steps=args.steps,
                                           guidance=args.guidance, seed=args.seed)
         record = {"command": shlex.join(env + words), **record}
+        record["views"], _ = evaluate_views(teacher, steps=min(args.steps, 25), guidance=args.guidance, seed=args.seed)
+        print(f"views: silhouette IoU {record['views']['silhouette_iou']:.3f} against the asked camera, "
+              f"{record['views']['silhouette_iou_turned']:.3f} against a quarter turn", file=sys.stderr, flush=True)
         if teacher.meta.get("compositions"):  # a teacher of two-object scenes: their own measure
             config = TrainConfig.from_dict((teacher.meta.get("training") or {}).get("config") or {})
             seen, unseen = composition_eval_prompts(config)

@@ -139,6 +139,13 @@ def object_id_map(scene, cameras, truth: dict[str, torch.Tensor]) -> torch.Tenso
     return ids.reshape(truth["mask"][:, 0].shape)
 
 
+def drawn_mask(images: torch.Tensor, background: float = 1.0, tolerance: float = 0.1) -> torch.Tensor:
+    """The pixels of generated images (..., 3, H, W) in [0, 1] that are off the plain background: any
+    channel below background - tolerance. (..., H, W) bool. A diffusion sample has no opacity, so this
+    is its silhouette; the world's shading keeps a white object's pixels below 0.9 off its lit side."""
+    return (images < background - tolerance).any(-3)
+
+
 def binding_scores(image: torch.Tensor, truth_rgb: torch.Tensor, object_ids: torch.Tensor,
                    background: float = 1.0, tolerance: float = 0.1) -> dict:
     """Does a generated image of a two-object scene give each object its own colour? For an image and the
@@ -153,7 +160,7 @@ def binding_scores(image: torch.Tensor, truth_rgb: torch.Tensor, object_ids: tor
     img = image.float().reshape(3, -1)
     ref = truth_rgb.float().reshape(3, -1)
     ids = object_ids.reshape(-1)
-    drawn = (img < background - tolerance).any(0)
+    drawn = drawn_mask(image.float(), background, tolerance).reshape(-1)
     solid = ids >= 0
     iou = float((drawn & solid).sum() / (drawn | solid).sum().clamp(min=1))
     regions = [ids == i for i in (0, 1)]

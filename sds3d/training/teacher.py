@@ -534,6 +534,16 @@ def write_model_card(folder: str | Path, out: str | Path | None = None) -> Path:
             f"{pct(m['both'])}; on the {m['held_out_prompts']} held-out (colour, primitive) prompts "
             f"({m['held_out_samples']} images)\n  category {pct(m['held_out_category'])}, colour "
             f"{pct(m['held_out_color'])}, both {pct(m['held_out_both'])}.{fd_text}\n")
+        views = record.get("views")
+        if views:
+            eval_text += (
+                f"- **Views** (`evaluate_views`: DDIM-{views['steps']}, guidance {views['guidance']}, every category "
+                f"bare, {views['samples_per_view']} samples from each of 4 cameras\n  at elevation "
+                f"{views['camera']['elevation']:g}): silhouette IoU against the truth from the asked camera "
+                f"**{views['silhouette_iou']:.2f}**, from a camera a quarter\n  turn away "
+                f"{views['silhouette_iou_turned']:.2f}; on the prompts that look different a quarter turn round "
+                f"({', '.join(views['turn_dependent_prompts'])})\n  the camera adds **{views['view_gain']:+.2f}** IoU "
+                f"(`view_gain`). Score distillation builds the shape from these views, so this bounds\n  `generate`'s geometry.\n")
         comp = record.get("compositions")
         if comp:
             part = lambda r: (f"each object in its own colour in **{pct(r['bound'])}** of the views, silhouette IoU "  # noqa: E731
@@ -609,8 +619,88 @@ def export_teacher(run_dir: str | Path, dest: str | Path, use_ema: bool = True, 
     return trainer.export(dest, use_ema)
 
 
-COMPOSITION_EVAL_AZIMUTHS = (0.0, 90.0, 180.0, -90.0)  # front, side, back, other side
-COMPOSITION_EVAL_CAMERA = dict(elevation=15.0, distance=2.75, fovy=45.0)  # generate's default distance and fovy
+VIEW_EVAL_AZIMUTHS = (0.0, 90.0, 180.0, -90.0)  # front, side, back, other side
+VIEW_EVAL_CAMERA = dict(elevation=15.0, distance=2.75, fovy=45.0)  # generate's default distance and fovy
+
+
+def _view_cameras(resolution: int):
+    """The four cameras of `VIEW_EVAL_AZIMUTHS`: (Camera, unit directions (4, 3), view names)."""
+    from ..geometry.views import view_name
+
+    cam = VIEW_EVAL_CAMERA
+    az = torch.tensor(VIEW_EVAL_AZIMUTHS)
+    el = torch.full_like(az, cam["elevation"])
+    cameras = spherical_cameras(el, az, cam["distance"], cam["fovy"], resolution)
+    return cameras, unit_directions(el, az), [view_name(e, a) for e, a in zip(el.tolist(), az.tolist())]
+
+
+@torch.no_grad()
+def sample_views(teacher: EmbeddedTeacher, prompts: list[str], steps: int = 25, guidance: float = 3.0, seed: int = 0,
+                 batch_size: int = 32, samples_per_view: int = 1) -> torch.Tensor:
+    """DDIM samples of every prompt from each camera of `VIEW_EVAL_AZIMUTHS`, given as `generate`
+    gives them: the view suffix in the prompt and the camera's direction. (N, 3, R, R) in [0, 1],
+    ordered prompt, then view, then sample."""
+    _, directions, views = _view_cameras(teacher.resolution)
+    gen = torch.Generator().manual_seed(seed)
+    todo = [(p, v) for p in prompts for v in range(len(views)) for _ in range(samples_per_view)]
+    images = []
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        cond = teacher.encode_prompt([with_view(p, views[v]) for p, v in chunk])
+        cond.extra["camera_dirs"] = directions[[v for _, v in chunk]]
+        images.append(ddim_sample(teacher, cond, steps, guidance, gen, **EMBEDDED_DDIM).images)
+    return torch.cat(images) if images else torch.zeros(0, 3, teacher.resolution, teacher.resolution)
+
+
+def view_eval_prompts() -> list[str]:
+    """Every category of the world once, bare ('a cube', 'a snowman': its default colour)."""
+    from ..world.captions import bare_caption
+
+    return [bare_caption(category) for category in CATEGORIES]
+
+
+def evaluate_views(teacher: EmbeddedTeacher, prompts: list[str] | None = None, steps: int = 25, guidance: float = 3.0,
+                   seed: int = 0, samples_per_view: int = 2, batch_size: int = 32) -> tuple[dict, torch.Tensor]:
+    """Does the teacher draw a single object as the asked camera sees it? Score distillation builds
+    the shape from what the teacher draws at each camera, so this bounds the geometry of `generate`.
+
+    Samples of every prompt (default `view_eval_prompts`) from the four cameras of `VIEW_EVAL_AZIMUTHS`
+    (`sample_views`), each scored by silhouette IoU (`eval.ground_truth.drawn_mask` against the truth
+    mask) twice: against the truth render from the same camera (`silhouette_iou`), and from the camera
+    a quarter turn further round (`silhouette_iou_turned`): a teacher that ignored the camera scores
+    both alike. Most of the world looks the same from a quarter turn round (a sphere, a cube, a cone);
+    `view_gain` is the difference of the two over the prompts that do not (`turn_dependent`: the truth's
+    silhouettes from the two cameras overlap by IoU < 0.9: a table, a dumbbell, a lollipop), so it is what
+    the camera conditioning adds where it matters; None when no prompt is. Returns (record, images)."""
+    from ..eval.ground_truth import drawn_mask
+    from ..world.render import render_scene
+
+    start = time.time()
+    prompts = list(prompts or view_eval_prompts())
+    images = sample_views(teacher, prompts, steps, guidance, seed, batch_size, samples_per_view)
+    cameras, _, views = _view_cameras(teacher.resolution)
+    n_views = len(views)
+    rows = []
+    for k, prompt in enumerate(prompts):
+        truth = render_scene(resolve_prompt(prompt), cameras)["mask"].reshape(n_views, *images.shape[-2:]) > 0.5
+        drawn = drawn_mask(images[k * n_views * samples_per_view:(k + 1) * n_views * samples_per_view])
+        asked = truth.repeat_interleave(samples_per_view, 0)
+        turned = truth.roll(-1, 0).repeat_interleave(samples_per_view, 0)  # azimuth + 90 degrees
+
+        def iou(a, b):
+            return float(((a & b).sum((1, 2)) / (a | b).sum((1, 2)).clamp(min=1)).mean())
+
+        rows.append({"prompt": prompt, "silhouette_iou": iou(drawn, asked), "silhouette_iou_turned": iou(drawn, turned),
+                     "turn_dependent": iou(truth, truth.roll(-1, 0)) < 0.9})
+    mean = lambda key, rows=rows: sum(r[key] for r in rows) / len(rows) if rows else None  # noqa: E731
+    dependent = [r for r in rows if r["turn_dependent"]]
+    record = {"prompts": len(prompts), "images": int(images.shape[0]), "steps": steps, "guidance": guidance, "seed": seed,
+              "samples_per_view": samples_per_view, "camera": {**VIEW_EVAL_CAMERA, "azimuths": list(VIEW_EVAL_AZIMUTHS)},
+              "silhouette_iou": mean("silhouette_iou"), "silhouette_iou_turned": mean("silhouette_iou_turned"),
+              "per_prompt": rows, "seconds": round(time.time() - start, 1)}
+    record["turn_dependent_prompts"] = [r["prompt"] for r in dependent]
+    record["view_gain"] = (mean("silhouette_iou", dependent) - mean("silhouette_iou_turned", dependent)) if dependent else None
+    return record, images
 
 
 def composition_eval_prompts(config: TrainConfig, unseen: int = 12, seed: int = 1000) -> tuple[list[str], list[str]]:
@@ -630,32 +720,19 @@ def composition_eval_prompts(config: TrainConfig, unseen: int = 12, seed: int = 
 @torch.no_grad()
 def evaluate_compositions(teacher: EmbeddedTeacher, prompts: list[str], steps: int = 25, guidance: float = 3.0,
                           seed: int = 0, batch_size: int = 32) -> tuple[dict, torch.Tensor]:
-    """DDIM samples of two-object prompts, each from the four views of `COMPOSITION_EVAL_AZIMUTHS` (the
-    view suffix and the camera direction given, as `generate` gives them), scored against the truth render
-    from the same camera by `eval.ground_truth.binding_scores`: is each object's colour where the truth
-    has that object. The world classifier knows one object per image, so this is the teacher's measure
+    """DDIM samples of two-object prompts, each from the four views of `VIEW_EVAL_AZIMUTHS` (`sample_views`),
+    scored against the truth render from the same camera by `eval.ground_truth.binding_scores`: is each
+    object's colour where the truth has that object. The world classifier knows one object per image, so this is the teacher's measure
     of compositions. Returns (record, images (N, 3, R, R) in [0, 1], prompt-major)."""
     from ..eval.ground_truth import binding_scores, object_id_map
-    from ..geometry.views import view_name
     from ..world.compositions import Composition
     from ..world.render import render_scene
 
     start = time.time()
-    cam = COMPOSITION_EVAL_CAMERA
-    az = torch.tensor(COMPOSITION_EVAL_AZIMUTHS)
-    el = torch.full_like(az, cam["elevation"])
-    cameras = spherical_cameras(el, az, cam["distance"], cam["fovy"], teacher.resolution)
-    directions = unit_directions(el, az)
-    views = [view_name(e, a) for e, a in zip(el.tolist(), az.tolist())]
-    gen = torch.Generator().manual_seed(seed)
-    rows, images = [], []
+    cameras, _, views = _view_cameras(teacher.resolution)
+    images = sample_views(teacher, prompts, steps, guidance, seed, batch_size)
+    rows = []
     todo = [(p, v) for p in prompts for v in range(len(views))]
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i:i + batch_size]
-        cond = teacher.encode_prompt([with_view(p, views[v]) for p, v in chunk])
-        cond.extra["camera_dirs"] = directions[[v for _, v in chunk]]
-        images.append(ddim_sample(teacher, cond, steps, guidance, gen, **EMBEDDED_DDIM).images)
-    images = torch.cat(images) if images else torch.zeros(0, 3, teacher.resolution, teacher.resolution)
     for k, prompt in enumerate(prompts):
         scene = resolve_prompt(prompt)
         if not isinstance(scene, Composition):
@@ -669,7 +746,7 @@ def evaluate_compositions(teacher: EmbeddedTeacher, prompts: list[str], steps: i
                      "views": [{"view": name, **s} for name, s in zip(views, scores)]})
     bound = [r["bound"] for r in rows if r["bound"] is not None]
     record = {"prompts": len(prompts), "images": len(todo), "steps": steps, "guidance": guidance, "seed": seed,
-              "camera": {**cam, "azimuths": list(COMPOSITION_EVAL_AZIMUTHS)},
+              "camera": {**VIEW_EVAL_CAMERA, "azimuths": list(VIEW_EVAL_AZIMUTHS)},
               "bound": sum(bound) / len(bound) if bound else None,
               "silhouette_iou": sum(r["silhouette_iou"] for r in rows) / len(rows) if rows else None,
               "per_prompt": rows, "seconds": round(time.time() - start, 1)}
