@@ -243,3 +243,28 @@ def test_shipped_teacher_samples():
                          clip_x0=True).images
     r = teacher.resolution
     assert images.shape == (2, 3, r, r) and images.min() >= 0 and images.max() <= 1
+
+
+def test_fine_tuning_starts_from_an_exported_teacher(tiny_renders, tmp_path):
+    """`init_from`: a new run's network and EMA are the exported teacher's weights (as its folder
+    stores them), so it starts at that teacher's loss, not a random network's; a folder whose network
+    differs from the run's is refused before anything is written."""
+    from sds3d.settings import ConfigError
+    from sds3d.teachers.embedded import load_network
+    from sds3d.training.teacher import export_teacher
+
+    torch.set_num_threads(1)
+    quiet = lambda *a: None
+    trained = TeacherTrainer(tmp_path / "a", tiny_config(ema_decay=0.5), quiet, tiny_renders, HashText())
+    trained.train(max_steps=30)
+    folder = export_teacher(tmp_path / "a", tmp_path / "exported", renders=tiny_renders, text_encoder=HashText())
+    stored, _, _ = load_network(folder)
+    fresh = TeacherTrainer(tmp_path / "fresh", tiny_config(), quiet, tiny_renders, HashText())
+    tuned = TeacherTrainer(tmp_path / "tuned", tiny_config(init_from=str(folder)), quiet, tiny_renders, HashText())
+    for net in (tuned.model, tuned.ema):
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), stored.state_dict().values()))
+    assert tuned.validation_loss() < 0.8 * fresh.validation_loss()
+    with pytest.raises(ConfigError, match="init_from.*network"):
+        TeacherTrainer(tmp_path / "other", tiny_config(init_from=str(folder), network=NetConfig(
+            resolution=16, channels=(8, 16), attention_levels=(), emb_dim=32)), quiet, tiny_renders, HashText())
+    assert not (tmp_path / "other").exists()

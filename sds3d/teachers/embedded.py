@@ -46,6 +46,36 @@ def _sha256(path: Path) -> str:
 _FIX_HINT = "reinstall sds3d, or point --teacher at a folder written by `sds3d teacher export`"
 
 
+def load_network(folder: Path, verify: bool = True) -> tuple[LeanUNet, dict, NoiseSchedule]:
+    """(network in float32, config.json's metadata, noise schedule) of a teacher folder; one-line
+    TeacherWeightsError naming the file and the fix when a file is missing, unreadable, fails its
+    checksum or does not fit the architecture. Used by `EmbeddedTeacher.load` and by training's
+    `init_from` (fine-tuning from an exported teacher)."""
+    from safetensors.torch import load_file
+
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for p in (config_path, weights_path):
+        if not p.exists():
+            raise TeacherWeightsError(f"embedded teacher file {p} is missing: {_FIX_HINT}")
+    try:
+        meta = json.loads(config_path.read_text())
+        net_config = NetConfig.from_dict(meta["network"])
+        schedule = make_schedule(meta.get("schedule", "cosine"), int(meta.get("num_train_timesteps", 1000)))
+    except Exception as error:
+        raise TeacherWeightsError(f"embedded teacher config {config_path} is unreadable "
+                                  f"({type(error).__name__}: {str(error)[:80]}): {_FIX_HINT}") from None
+    if verify and meta.get("weights_sha256") and _sha256(weights_path) != meta["weights_sha256"]:
+        raise TeacherWeightsError(f"embedded teacher weights {weights_path} are corrupted (checksum mismatch): {_FIX_HINT}")
+    try:
+        state = load_file(str(weights_path))
+        network = LeanUNet(net_config)
+        network.load_state_dict({k: v.float() for k, v in state.items()})
+    except Exception as error:
+        raise TeacherWeightsError(f"embedded teacher weights {weights_path} are corrupted or do not match "
+                                  f"{config_path.name} ({type(error).__name__}): {_FIX_HINT}") from None
+    return network, meta, schedule
+
+
 class EmbeddedTeacher:
     """A trained LeanUNet behind the Teacher protocol: pixel space [-1, 1], MiniLM text conditioning.
 
@@ -181,31 +211,10 @@ class EmbeddedTeacher:
 
         Raises TeacherWeightsError (a RuntimeError) with one line naming the file and the fix when a
         file is missing, unreadable, fails its checksum or does not fit the architecture."""
-        from safetensors.torch import load_file
-
         folder = Path(path) if path is not None else ASSET_DIR
         if folder.is_file():
             folder = folder.parent
-        config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        for p in (config_path, weights_path):
-            if not p.exists():
-                raise TeacherWeightsError(f"embedded teacher file {p} is missing: {_FIX_HINT}")
-        try:
-            meta = json.loads(config_path.read_text())
-            net_config = NetConfig.from_dict(meta["network"])
-            schedule = make_schedule(meta.get("schedule", "cosine"), int(meta.get("num_train_timesteps", 1000)))
-        except Exception as error:
-            raise TeacherWeightsError(f"embedded teacher config {config_path} is unreadable "
-                                      f"({type(error).__name__}: {str(error)[:80]}): {_FIX_HINT}") from None
-        if verify and meta.get("weights_sha256") and _sha256(weights_path) != meta["weights_sha256"]:
-            raise TeacherWeightsError(f"embedded teacher weights {weights_path} are corrupted (checksum mismatch): {_FIX_HINT}")
-        try:
-            state = load_file(str(weights_path))
-            network = LeanUNet(net_config)
-            network.load_state_dict({k: v.float() for k, v in state.items()})
-        except Exception as error:
-            raise TeacherWeightsError(f"embedded teacher weights {weights_path} are corrupted or do not match "
-                                      f"{config_path.name} ({type(error).__name__}): {_FIX_HINT}") from None
+        network, meta, schedule = load_network(folder, verify)
         table = {}
         prompts_path = folder / "prompts.safetensors"
         if prompts_path.exists():

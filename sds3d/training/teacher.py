@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..diffusion.schedule import make_schedule, min_snr_weights, stratified_timesteps
 from ..diffusion.solvers import ddim_sample
@@ -71,6 +72,11 @@ class TrainConfig:
     compositions: int = 0
     composition_views: int = 24
     composition_prompts: tuple[str, ...] = ()
+    # fine-tuning: an exported teacher folder (`sds3d teacher export`; "embedded" is the shipped one)
+    # whose weights start the network and its EMA instead of a random init. Its network settings,
+    # prediction type, schedule and text slots must be this run's; the optimizer and the data order
+    # start afresh (warmup and cosine decay as configured).
+    init_from: str | None = None
     # model
     network: NetConfig = field(default_factory=lambda: NetConfig(resolution=32, channels=(32, 64, 128), patch=1,
                                                                  attention_levels=(2,)))
@@ -232,6 +238,7 @@ class TeacherTrainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.precision = resolve_precision(cfg.precision, warn=False)  # "fp32" | "bf16": what this session computes in
+        start = self._start_network(cfg.init_from) if cfg.init_from and not ckpt_path.exists() else None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved_config, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
@@ -274,7 +281,30 @@ class TeacherTrainer:
                                  title=f"embedded teacher {self.out_dir.name}")
         if ckpt_path.exists():
             self.loop.load(ckpt_path)
+        elif start is not None:
+            self.model.load_state_dict(start.state_dict())
+            self.ema.load_state_dict(start.state_dict())
         self.loop.trim_logs()
+
+    def _start_network(self, spec: str) -> LeanUNet:
+        """The exported teacher's network that a new run starts from (`TrainConfig.init_from`), checked
+        against this run's settings before anything is written."""
+        from ..teachers import embedded_folder
+        from ..teachers.embedded import load_network
+
+        folder = embedded_folder(spec)
+        network, meta, _ = load_network(folder)
+        cfg = self.config
+        theirs = {"network": network.config.to_dict(), "prediction_type": meta.get("prediction_type"),
+                  "schedule": meta.get("schedule", "cosine"), "num_train_timesteps": int(meta.get("num_train_timesteps", 1000))}
+        ours = {"network": cfg.network.to_dict(), "prediction_type": cfg.prediction_type, "schedule": cfg.schedule,
+                "num_train_timesteps": cfg.num_train_timesteps}
+        differ = [name for name in ours if ours[name] != theirs[name]]
+        if differ:
+            raise ConfigError(f"bad value init_from={spec!r}: its {', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'} from this run's; "
+                              f"train with the teacher's own settings (its config.json \"training\" \"config\")")
+        self.log(f"network and EMA start from {folder} (sha256 {str(meta.get('weights_sha256'))[:12]}...)")
+        return network
 
     def _add_compositions(self, cfg: TrainConfig) -> None:
         """Append the two-object scenes' renders (`composition_renders`) to the images and scenes."""
@@ -496,6 +526,9 @@ def write_model_card(folder: str | Path, out: str | Path | None = None) -> Path:
             f"({cfg.get('threads') or 'all'} CPU threads). To train it again: save the \"config\" under\n"
             f"  \"training\" in config.json as FILE and run `sds3d teacher train --out RUN --config FILE "
             f"--max-steps {training.get('steps')}`.\n")
+        if cfg.get("init_from"):
+            train_text += (f"- **Fine-tuned**: the network started from the teacher in `{cfg['init_from']}`; the steps and "
+                           f"minutes above are\n  this run's alone, that teacher's own training comes on top.\n")
         last = training.get("last_eval")
         if last:
             train_text += (
@@ -660,13 +693,13 @@ def view_eval_prompts() -> list[str]:
 
 
 def evaluate_views(teacher: EmbeddedTeacher, prompts: list[str] | None = None, steps: int = 25, guidance: float = 3.0,
-                   seed: int = 0, samples_per_view: int = 2, batch_size: int = 32) -> tuple[dict, torch.Tensor]:
+                   seed: int = 0, samples_per_view: int = 4, batch_size: int = 32) -> tuple[dict, torch.Tensor]:
     """Does the teacher draw a single object as the asked camera sees it? Score distillation builds
     the shape from what the teacher draws at each camera, so this bounds the geometry of `generate`.
 
     Samples of every prompt (default `view_eval_prompts`) from the four cameras of `VIEW_EVAL_AZIMUTHS`
-    (`sample_views`), each scored by silhouette IoU (`eval.ground_truth.drawn_mask` against the truth
-    mask) twice: against the truth render from the same camera (`silhouette_iou`), and from the camera
+    (`sample_views`), each scored by silhouette IoU (`eval.ground_truth.drawn_mask` of the sample and of
+    the truth render, made as the training data are) twice: against the truth render from the same camera (`silhouette_iou`), and from the camera
     a quarter turn further round (`silhouette_iou_turned`): a teacher that ignored the camera scores
     both alike. Most of the world looks the same from a quarter turn round (a sphere, a cube, a cone);
     `view_gain` is the difference of the two over the prompts that do not (`turn_dependent`: the truth's
@@ -678,11 +711,14 @@ def evaluate_views(teacher: EmbeddedTeacher, prompts: list[str] | None = None, s
     start = time.time()
     prompts = list(prompts or view_eval_prompts())
     images = sample_views(teacher, prompts, steps, guidance, seed, batch_size, samples_per_view)
-    cameras, _, views = _view_cameras(teacher.resolution)
-    n_views = len(views)
+    n_views = len(VIEW_EVAL_AZIMUTHS)
     rows = []
+    supersample = RenderSpec.supersample
+    fine, _, _ = _view_cameras(teacher.resolution * supersample)
     for k, prompt in enumerate(prompts):
-        truth = render_scene(resolve_prompt(prompt), cameras)["mask"].reshape(n_views, *images.shape[-2:]) > 0.5
+        # the truth drawn as the training data are (rendered finer, average-pooled) and outlined by the
+        # same rule as the samples: a thin part (a lollipop's stick) counts where it shows in both
+        truth = drawn_mask(F.avg_pool2d(render_scene(resolve_prompt(prompt), fine)["rgb"], supersample))
         drawn = drawn_mask(images[k * n_views * samples_per_view:(k + 1) * n_views * samples_per_view])
         asked = truth.repeat_interleave(samples_per_view, 0)
         turned = truth.roll(-1, 0).repeat_interleave(samples_per_view, 0)  # azimuth + 90 degrees
