@@ -174,8 +174,9 @@ def add_teacher_parser(sub) -> None:
     tr.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
     tr.add_argument("--max-steps", type=int, default=None)
     tr.add_argument("--config", default=None,
-                    help="JSON or YAML file of TrainConfig settings, e.g. a run's train_config.json (new runs; a resumed "
-                         "run keeps its own); unknown or mistyped settings are refused")
+                    help="JSON or YAML file of TrainConfig settings, e.g. a run's train_config.json, or a teacher folder's "
+                         "config.json (the settings it was trained with: with --set init_from=embedded, a fine-tune); "
+                         "new runs only (a resumed run keeps its own); unknown or mistyped settings are refused")
     tr.add_argument("--threads", type=int, default=None)
     tr.add_argument("--precision", default=None,
                     help="auto (new runs' default: bf16 autocast where the CPU runs bf16 natively, else fp32), fp32 "
@@ -229,6 +230,7 @@ def _config_from_args(args):
     import yaml
 
     from .settings import ConfigError, merge_settings, parse_set_items
+    from .teachers import EMBEDDED_FORMAT
     from .training.teacher import TrainConfig
 
     data = {}
@@ -243,6 +245,11 @@ def _config_from_args(args):
                 raise ConfigError(f"cannot read --config {args.config}: not JSON or YAML ({str(error).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"--config {args.config} is not a mapping of TrainConfig setting: value")
+        if data.get("format") == EMBEDDED_FORMAT:  # a teacher folder's config.json: the settings it was trained with
+            data = (data.get("training") or {}).get("config")
+            if not isinstance(data, dict):
+                raise ConfigError(f"--config {args.config} is a teacher's config.json without its training settings "
+                                  "(\"training\": {\"config\": ...}): give a train_config.json instead")
     data = merge_settings(data, parse_set_items(args.set))
     if args.threads:
         data["threads"] = args.threads

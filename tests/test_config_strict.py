@@ -201,6 +201,20 @@ def test_teacher_train_set_and_config_file_reach_the_config(tmp_path):
     assert _config_from_args(argparse.Namespace(config=None, threads=None, set=[])) is None
 
 
+def test_teacher_train_config_reads_a_teacher_folders_settings():
+    """--config sds3d/assets/teacher/config.json: the settings the shipped teacher was trained with (its
+    "training" "config"), the start of a fine-tune with --set init_from=embedded."""
+    from sds3d.cli import _config_from_args
+    from sds3d.teachers.embedded import ASSET_DIR
+
+    shipped = json.loads((ASSET_DIR / "config.json").read_text())
+    args = argparse.Namespace(config=str(ASSET_DIR / "config.json"), threads=None, set=["init_from=embedded"])
+    config = _config_from_args(args)
+    assert config.init_from == "embedded"
+    assert config.network.to_dict() == {**config.network.to_dict(), **shipped["network"]}
+    assert config.network.camera_dim == 3 and config.min_snr_gamma == shipped["training"]["config"]["min_snr_gamma"]
+
+
 def run_cli(capsys, *argv):
     from sds3d.cli import main
 
