@@ -301,8 +301,9 @@ class TeacherTrainer:
                 "num_train_timesteps": cfg.num_train_timesteps}
         differ = [name for name in ours if ours[name] != theirs[name]]
         if differ:
-            raise ConfigError(f"bad value init_from={spec!r}: its {', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'} from this run's; "
-                              f"train with the teacher's own settings (its config.json \"training\" \"config\")")
+            verb = "differs" if len(differ) == 1 else "differ"
+            raise ConfigError(f"bad value init_from={spec!r}: its {', '.join(differ)} {verb} from this run's; train with "
+                              f"the teacher's own settings (--config {folder / 'config.json'})")
         self.log(f"network and EMA start from {folder} (sha256 {str(meta.get('weights_sha256'))[:12]}...)")
         return network
 
@@ -575,7 +576,8 @@ def write_model_card(folder: str | Path, out: str | Path | None = None) -> Path:
                 f"{views['camera']['elevation']:g}): silhouette IoU against the truth from the asked camera "
                 f"**{views['silhouette_iou']:.2f}**, from a camera a quarter\n  turn away "
                 f"{views['silhouette_iou_turned']:.2f}; on the prompts that look different a quarter turn round "
-                f"({', '.join(views['turn_dependent_prompts'])})\n  the camera adds **{views['view_gain']:+.2f}** IoU "
+                f"({', '.join(views['turn_dependent_prompts']) or 'none'})\n  the camera adds "
+                f"**{'-' if views['view_gain'] is None else format(views['view_gain'], '+.2f')}** IoU "
                 f"(`view_gain`). Score distillation builds the shape from these views, so this bounds\n  `generate`'s geometry.\n")
         comp = record.get("compositions")
         if comp:
@@ -699,9 +701,9 @@ def evaluate_views(teacher: EmbeddedTeacher, prompts: list[str] | None = None, s
 
     Samples of every prompt (default `view_eval_prompts`) from the four cameras of `VIEW_EVAL_AZIMUTHS`
     (`sample_views`), each scored by silhouette IoU (`eval.ground_truth.drawn_mask` of the sample and of
-    the truth render, made as the training data are) twice: against the truth render from the same camera (`silhouette_iou`), and from the camera
-    a quarter turn further round (`silhouette_iou_turned`): a teacher that ignored the camera scores
-    both alike. Most of the world looks the same from a quarter turn round (a sphere, a cube, a cone);
+    the truth render, made as the training data are) twice: against the truth from the same camera
+    (`silhouette_iou`), and from the camera a quarter turn further round (`silhouette_iou_turned`): a
+    teacher that ignored the camera scores both alike. Most of the world looks the same from a quarter turn round (a sphere, a cube, a cone);
     `view_gain` is the difference of the two over the prompts that do not (`turn_dependent`: the truth's
     silhouettes from the two cameras overlap by IoU < 0.9: a table, a dumbbell, a lollipop), so it is what
     the camera conditioning adds where it matters; None when no prompt is. Returns (record, images)."""
