@@ -659,14 +659,13 @@ VIEW_EVAL_CAMERA = dict(elevation=15.0, distance=2.75, fovy=45.0)  # generate's 
 
 
 def _view_cameras(resolution: int):
-    """The four cameras of `VIEW_EVAL_AZIMUTHS`: (Camera, unit directions (4, 3), view names)."""
-    from ..geometry.views import view_name
+    """The four cameras of `VIEW_EVAL_AZIMUTHS` and their view names."""
+    from ..geometry.views import view_names
 
     cam = VIEW_EVAL_CAMERA
     az = torch.tensor(VIEW_EVAL_AZIMUTHS)
-    el = torch.full_like(az, cam["elevation"])
-    cameras = spherical_cameras(el, az, cam["distance"], cam["fovy"], resolution)
-    return cameras, unit_directions(el, az), [view_name(e, a) for e, a in zip(el.tolist(), az.tolist())]
+    cameras = spherical_cameras(torch.full_like(az, cam["elevation"]), az, cam["distance"], cam["fovy"], resolution)
+    return cameras, view_names(cameras)
 
 
 @torch.no_grad()
@@ -675,7 +674,10 @@ def sample_views(teacher: EmbeddedTeacher, prompts: list[str], steps: int = 25, 
     """DDIM samples of every prompt from each camera of `VIEW_EVAL_AZIMUTHS`, given as `generate`
     gives them: the view suffix in the prompt and the camera's direction. (N, 3, R, R) in [0, 1],
     ordered prompt, then view, then sample."""
-    _, directions, views = _view_cameras(teacher.resolution)
+    from ..geometry.cameras import camera_directions
+
+    cameras, views = _view_cameras(teacher.resolution)
+    directions = camera_directions(cameras)  # as `generate` computes them
     gen = torch.Generator().manual_seed(seed)
     todo = [(p, v) for p in prompts for v in range(len(views)) for _ in range(samples_per_view)]
     images = []
@@ -708,7 +710,11 @@ def evaluate_views(teacher: EmbeddedTeacher, prompts: list[str] | None = None, s
     silhouettes from the two cameras overlap by IoU < 0.9: a table, a dumbbell, a lollipop), so it is what
     the camera conditioning adds where it matters; None when no prompt is. Returns (record, images)."""
     from ..eval.ground_truth import drawn_mask
+    from ..eval.metrics import silhouette_iou
     from ..world.render import render_scene
+
+    def iou(a: torch.Tensor, b: torch.Tensor) -> float:  # mean over the images
+        return float(silhouette_iou(a, b).mean())
 
     start = time.time()
     prompts = list(prompts or view_eval_prompts())
@@ -716,7 +722,7 @@ def evaluate_views(teacher: EmbeddedTeacher, prompts: list[str] | None = None, s
     n_views = len(VIEW_EVAL_AZIMUTHS)
     rows = []
     supersample = RenderSpec.supersample
-    fine, _, _ = _view_cameras(teacher.resolution * supersample)
+    fine, _ = _view_cameras(teacher.resolution * supersample)
     for k, prompt in enumerate(prompts):
         # the truth drawn as the training data are (rendered finer, average-pooled) and outlined by the
         # same rule as the samples: a thin part (a lollipop's stick) counts where it shows in both
@@ -724,9 +730,6 @@ def evaluate_views(teacher: EmbeddedTeacher, prompts: list[str] | None = None, s
         drawn = drawn_mask(images[k * n_views * samples_per_view:(k + 1) * n_views * samples_per_view])
         asked = truth.repeat_interleave(samples_per_view, 0)
         turned = truth.roll(-1, 0).repeat_interleave(samples_per_view, 0)  # azimuth + 90 degrees
-
-        def iou(a, b):
-            return float(((a & b).sum((1, 2)) / (a | b).sum((1, 2)).clamp(min=1)).mean())
 
         rows.append({"prompt": prompt, "silhouette_iou": iou(drawn, asked), "silhouette_iou_turned": iou(drawn, turned),
                      "turn_dependent": iou(truth, truth.roll(-1, 0)) < 0.9})
@@ -767,7 +770,7 @@ def evaluate_compositions(teacher: EmbeddedTeacher, prompts: list[str], steps: i
     from ..world.render import render_scene
 
     start = time.time()
-    cameras, _, views = _view_cameras(teacher.resolution)
+    cameras, views = _view_cameras(teacher.resolution)
     images = sample_views(teacher, prompts, steps, guidance, seed, batch_size)
     rows = []
     todo = [(p, v) for p in prompts for v in range(len(views))]
