@@ -6,8 +6,10 @@ Each variant is cpu-fast with a few settings changed (the levers of issue 17: st
 resolution, samples per ray, batch size, regularizers). Every run trains alone in this process, one
 after the other (two runs side by side on 2 cores would time each other), and is scored against the
 world's ground truth by `generate` itself (metrics.json: IoU, colour error, speckle, train_seconds).
-Runs live under outputs/generate_speed/VARIANT/PROMPT-sSEED; a run with a metrics.json is reused, so the
-command resumes. Writes benchmarks/results/generate_speed.{json,md}: per variant the mean over prompts
+Runs live under outputs/generate_speed/DAY/VARIANT/PROMPT-sSEED (DAY: today's date, or --runs); a run
+with a metrics.json is reused, so the command resumes within a day, while another day (perhaps another
+machine, or the same one under other load) measures every variant again, cpu-fast included: the time
+ratios compare runs of one machine and one sitting. Writes benchmarks/results/generate_speed.{json,md}: per variant the mean over prompts
 and seeds, and the training time as a ratio to cpu-fast's on the same machine in the same table.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ from sds3d.threads import configure_openmp
 configure_openmp()
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from sds3d.config import make_config  # noqa: E402
 from sds3d.io import atomic_write_text  # noqa: E402
@@ -46,12 +50,19 @@ VARIANTS: dict[str, dict] = {
     "albedo smoothness 1": {"lambda_albedo_smooth": 1.0},
     "albedo smoothness 10": {"lambda_albedo_smooth": 10.0},
     "hash grid max resolution 256": {"max_resolution": 256},
+    "hash grid 16-128, 8 levels": {"n_levels": 8, "max_resolution": 128},
+    "48 px renders": {"render_resolution": 48},
+    "hash grid 16-512, 12 levels": {"n_levels": 12, "max_resolution": 512},
+    "lr decay 0.1": {"lr_decay": 0.1},
+    "lr decay 0.1, 600 steps": {"lr_decay": 0.1, "steps": 600},
+    "lr decay 0.3": {"lr_decay": 0.3},
+    "lr decay 0.1 over the last quarter": {"lr_decay": 0.1, "lr_decay_start": 0.75},
 }
 SCORES = ("iou_mean", "color_error_mean", "speckle", "train_seconds")
 
 
-def run_one(variant: str, prompt: str, seed: int) -> dict:
-    folder = RUNS / variant.replace(" ", "-").replace(",", "") / f"{prompt.replace(' ', '-')}-s{seed}"
+def run_one(runs: Path, variant: str, prompt: str, seed: int) -> dict:
+    folder = runs / variant.replace(" ", "-").replace(",", "") / f"{prompt.replace(' ', '-')}-s{seed}"
     metrics_path = folder / "metrics.json"
     if not metrics_path.exists():
         config = make_config("cpu-fast", prompt=prompt, seed=seed, explicit=dict(VARIANTS[variant]))
@@ -71,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--runs", default=time.strftime("%Y-%m-%d"),
+                        help="folder under outputs/generate_speed for the runs (default: today's date)")
     args = parser.parse_args(argv)
     start = time.time()
     variants = list(dict.fromkeys(["cpu-fast", *args.variants]))  # the reference is always measured
@@ -78,7 +91,7 @@ def main(argv=None) -> int:
     for variant in variants:
         for prompt in args.prompts:
             for seed in args.seeds:
-                rows.append(run_one(variant, prompt, seed))
+                rows.append(run_one(RUNS / args.runs, variant, prompt, seed))
                 r = rows[-1]
                 print(f"{variant:38s} {prompt:12s} seed {seed}: IoU {r['iou_mean']:.3f} colour {r['color_error_mean']:.3f} "
                       f"speckle {r['speckle'] or float('nan'):.4f} {r['train_seconds']:.1f} s", flush=True)
@@ -87,12 +100,18 @@ def main(argv=None) -> int:
         mine = [r for r in rows if r["variant"] == variant]
         summary[variant] = {k: mean(r[k] for r in mine) for k in SCORES}
     reference = summary["cpu-fast"]["train_seconds"]
-    command = "python benchmarks/generate_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # what cpu-fast was when its runs were made (the preset's defaults change; reused runs keep theirs)
+    saved = yaml.safe_load((RUNS / args.runs / "cpu-fast" / f"{args.prompts[0].replace(' ', '-')}-s{args.seeds[0]}"
+                            / "config.yaml").read_text())
+    grid = ", ".join(f"{key} {saved[key]}" for key in ("steps", "n_levels", "max_resolution", "render_resolution"))
+    command = "python benchmarks/generate_speed.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     cpu, _ = read_cpuinfo()
     machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}"
     lines = ["# Training time against quality of `sds3d generate` (cpu-fast, one lever at a time)", "",
              f"`{command.strip()}` on {machine}; {time.time() - start:.0f} s. Means over "
-             f"{', '.join(repr(p) for p in args.prompts)}, seeds {args.seeds}; every run alone on the machine.", "",
+             f"{', '.join(repr(p) for p in args.prompts)}, seeds {args.seeds}; every run alone on the machine; runs in "
+             f"{RUNS / args.runs} (a run already there is reused, so the seconds above count only new training). "
+             f"cpu-fast in these runs: {grid}.", "",
              "| variant | settings | IoU | colour error | albedo speckle | train s | time vs cpu-fast |",
              "|---|---|---|---|---|---|---|"]
     for variant in variants:

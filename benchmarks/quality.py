@@ -349,6 +349,29 @@ def summarize_runs(runs: list[dict]) -> dict:
     return {"groups": groups, "targets": targets, "runs_total": total, "runs_done": done, "partial": done < total}
 
 
+BASELINE_KEYS = ("iou", "color_error", "speckle", "train_seconds")
+
+
+def compare_with_baseline(runs: list[dict], baseline_runs: list[dict]) -> dict:
+    """Per group, over the runs done in both (same group, prompt and seed): how many, and each
+    BASELINE_KEYS mean before (the baseline's runs) and after (these runs), with the ratio after /
+    before; the figure behind 'speckle halved' and any other before-and-after claim."""
+    before = {(r["group"], r["prompt"], r["seed"]): r for r in baseline_runs if r["state"] == "done"}
+    out = {}
+    for group in GROUPS:
+        pairs = [(before[key], r) for r in runs if r["group"] == group and r["state"] == "done"
+                 and (key := (r["group"], r["prompt"], r["seed"])) in before]
+        if not pairs:
+            continue
+        figures = {}
+        for key in BASELINE_KEYS:
+            both = [(b[key], a[key]) for b, a in pairs if b[key] is not None and a[key] is not None]
+            was, now = _mean(b for b, _ in both), _mean(a for _, a in both)
+            figures[key] = {"before": was, "after": now, "ratio": now / was if was else None}
+        out[group] = {"runs": len(pairs), **figures}
+    return out
+
+
 def machine() -> dict:
     import torch
 
@@ -426,6 +449,15 @@ def markdown(report: dict) -> str:
         lines += ["", "## Not supported by the world yet", ""]
         lines += [f"- {u['prompt']!r}: not supported yet: {u['error']}"
                   for u in unsupported]
+    if report.get("baseline"):
+        b = report["baseline"]
+        lines += ["", "## Against the baseline", "", f"Baseline: {b['path']} (`{b['command']}`), over the runs done in both "
+                  "(same group, prompt and seed); before -> after (after / before).", "",
+                  "| group | runs | IoU | colour err | speckle | train s |", "|---|---|---|---|---|---|"]
+        for group, g in b["groups"].items():
+            show = lambda key, v: _seconds(v) if key == "train_seconds" else _fmt(v, 4 if key == "speckle" else 3)  # noqa: E731
+            cells = [f"{show(k, g[k]['before'])} -> {show(k, g[k]['after'])} ({_fmt(g[k]['ratio'], 2)})" for k in BASELINE_KEYS]
+            lines.append(f"| {group} | {g['runs']} | " + " | ".join(cells) + " |")
     lines += ["", "## Every run", "", "| group | prompt | seed | canonical | state | IoU | colour err | Chamfer | speckle | "
               "front | back | train s | run s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {key: i for i, key in enumerate(dict.fromkeys((r["group"], r["prompt"]) for r in report["runs"]))}
@@ -489,8 +521,19 @@ def contact_sheet(runs: list[dict], batch_root: Path, path: Path, seeds: int) ->
     return [f"{prompt} ({group})" for group, prompt in prompts]
 
 
-def write_results(entries: list[dict], batch_root: Path, out: Path, command: str, seeds: int) -> str:
-    """quality.json, quality.md and quality.png in `out` from the batch folders; returns the md."""
+def read_baseline(path: Path) -> dict:
+    """An earlier quality.json (its runs and how they were made), or ValueError naming the problem."""
+    try:
+        report = json.loads(Path(path).read_text())
+        return {"path": str(path), "command": report["command"], "settings": report["settings"], "runs": report["runs"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--baseline {path} is not a quality.json written by this benchmark ({error})") from None
+
+
+def write_results(entries: list[dict], batch_root: Path, out: Path, command: str, seeds: int,
+                  baseline: dict | None = None) -> str:
+    """quality.json, quality.md and quality.png in `out` from the batch folders (with a `baseline`,
+    `read_baseline`'s dict, also the before-and-after comparison); returns the md."""
     from sds3d.io import atomic_write_text
 
     runs = collect_runs(entries, batch_root)
@@ -503,6 +546,9 @@ def write_results(entries: list[dict], batch_root: Path, out: Path, command: str
               "batch_dir": str(batch_root), "seeds": seeds, "settings": batch_settings(batch_root),
               "seconds_rule": SECONDS_RULE, "janus_rule": JANUS_RULE, "summary": summarize_runs(runs), "runs": runs,
               "contact_sheet": sheet.name if sheet_prompts else None, "contact_sheet_prompts": sheet_prompts or []}
+    if baseline is not None:
+        report["baseline"] = {"path": baseline["path"], "command": baseline["command"], "settings": baseline["settings"],
+                              "groups": compare_with_baseline(runs, baseline["runs"])}
     atomic_write_text(out / "quality.json", json.dumps(report, indent=2) + "\n")
     text = markdown(report)
     atomic_write_text(out / "quality.md", text)
@@ -527,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a generate setting for every run, as `sds3d batch --set` (recorded in the md header)")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted benchmark in --batch-dir")
+    parser.add_argument("--baseline", default=None, metavar="QUALITY_JSON",
+                        help="an earlier quality.json: also compare the runs both hold (same group, prompt, seed)")
     parser.add_argument("--summarize-only", action="store_true",
                         help="run nothing: (re)write quality.json/.md/.png from the runs in --batch-dir")
     return parser
@@ -553,11 +601,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = {"teacher": args.teacher, **sets}
         groups = tuple(g for g in GROUPS if g in (args.only or GROUPS))
         batch_root = Path(args.batch_dir)
+        baseline = read_baseline(Path(args.baseline)) if args.baseline else None
         interrupted = False
         if not args.summarize_only:
             interrupted = run_benchmark(benchmark_list(args.seeds, groups, args.limit, args.teacher, sets), batch_root, groups,
                                         args.resume, args.preset, settings, args.workers, log)
-        text = write_results(benchmark_list(args.seeds, teacher=args.teacher, sets=sets), batch_root, Path(args.out), command, args.seeds)
+        text = write_results(benchmark_list(args.seeds, teacher=args.teacher, sets=sets), batch_root, Path(args.out), command,
+                             args.seeds, baseline)
     except KeyboardInterrupt:
         print(f"interrupted: the running runs stopped with a checkpoint; finish with: {resume_command}", file=sys.stderr)
         return 130

@@ -104,3 +104,14 @@ def test_display_normals_average_grid_noise_and_restore_the_mode():
     assert off_analytic.mean() > 0.05  # the ripple does tilt the analytic normals
     assert off_display.mean() < 0.5 * off_analytic.mean(), (off_display.mean(), off_analytic.mean())
     torch.testing.assert_close(field(x, with_normals=True)["normal"], analytic)
+
+
+def test_cpu_fast_encoding_is_the_generate_default():
+    """CPU_FAST_ENCODING (the nerf layer cannot import the config) names the grid cpu-fast trains."""
+    from sds3d.config import make_config
+    from sds3d.pipelines.text_to_3d import make_field
+
+    field = make_field(make_config("cpu-fast", prompt="a red cube"))
+    reference = NeRFField(**CPU_FAST_ENCODING)
+    assert field.encoding.table.shape == reference.encoding.table.shape
+    assert [lv.resolution for lv in field.encoding.levels] == [lv.resolution for lv in reference.encoding.levels]

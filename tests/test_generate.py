@@ -32,8 +32,10 @@ class Interrupted(Exception):
 
 
 def test_resume_continues_exactly(tmp_path):
-    """A run stopped after its step-6 checkpoint and resumed ends where an uninterrupted run ends."""
-    config = make_config("smoke", prompt="a red cube", steps=12, checkpoint_every=6, preview_every=6)
+    """A run stopped after its step-6 checkpoint and resumed ends where an uninterrupted run ends, with
+    decaying learning rates: those of the last step (11) are the base rates times 0.1 ** (11 / 12)."""
+    config = make_config("smoke", prompt="a red cube", steps=12, checkpoint_every=6, preview_every=6,
+                         explicit={"lr_decay": 0.1})
     generate(config, out=tmp_path / "straight", show_progress=False)
 
     def stop_at_six(event):
@@ -49,6 +51,8 @@ def test_resume_continues_exactly(tmp_path):
     assert a["step"] == b["step"] == 12
     for key, value in a["field"].items():
         torch.testing.assert_close(b["field"][key], value, rtol=0, atol=0, msg=key)
+    rates = [group["lr"] for group in b["optimizer"]["param_groups"]]
+    assert rates == pytest.approx([config.lr_encoding * 0.1 ** (11 / 12), config.lr_network * 0.1 ** (11 / 12)])
 
 
 # Quality bars per teacher: the embedded network (the default) and the exact oracle it is measured against.

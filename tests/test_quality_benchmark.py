@@ -243,6 +243,34 @@ def test_results_files_from_a_hand_made_batch(quality, fake, tmp_path):
         np.testing.assert_allclose(colour(index), rgb, atol=1 / 255 + 1e-6, err_msg=str(index))
 
 
+def test_baseline_comparison_pairs_runs_by_group_prompt_and_seed(quality, fake, tmp_path):
+    """--baseline: means over the runs done in both, by hand. The baseline holds 'a red cube' seed 0
+    (IoU 0.85, speckle 0.004), seed 1 (0.81, 0.008) and 'a blue sphere' seed 1, which failed here; so
+    single pairs the two cube runs: IoU 0.83 -> 0.93, speckle 0.006 -> 0.003 (ratio 0.5)."""
+    root, entries = fake
+    base = tmp_path / "base"
+    quality.write_results(entries, root, base, "python benchmarks/quality.py --summarize-only", seeds=2)
+    report = json.loads((base / "quality.json").read_text())
+    by_key = {(r["group"], r["prompt"], r["seed"]): r for r in report["runs"]}
+    by_key["single", "a red cube", 0].update(iou=0.85, speckle=0.004)
+    by_key["single", "a red cube", 1].update(iou=0.81, speckle=0.008)
+    by_key["single", "a blue sphere", 0]["state"] = "failed"
+    (base / "quality.json").write_text(json.dumps(report))
+
+    baseline = quality.read_baseline(base / "quality.json")
+    text = quality.write_results(entries, root, tmp_path / "after", "python benchmarks/quality.py --summarize-only",
+                                 seeds=2, baseline=baseline)
+    single = json.loads((tmp_path / "after" / "quality.json").read_text())["baseline"]["groups"]["single"]
+    assert single["runs"] == 2
+    assert (single["iou"]["before"], single["iou"]["after"]) == (pytest.approx(0.83), pytest.approx(0.93))
+    assert (single["speckle"]["before"], single["speckle"]["after"]) == (pytest.approx(0.006), pytest.approx(0.003))
+    assert single["speckle"]["ratio"] == pytest.approx(0.5)
+    assert "| single | 2 | 0.830 -> 0.930 (1.12) | 0.045 -> 0.045 (1.00) | 0.0060 -> 0.0030 (0.50) |" in text
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json is not a quality.json"):
+        quality.read_baseline(tmp_path / "bad.json")
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 def test_end_to_end_smoke_run_resume_and_mistakes(quality, tmp_path, capsys):

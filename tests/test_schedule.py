@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sds3d.distill.annealing import annealed_guidance, annealed_range
+from sds3d.distill.annealing import annealed_guidance, annealed_range, decayed_lr_factor
 from sds3d.diffusion.schedule import sample_timesteps
 from sds3d.diffusion.schedule import NoiseSchedule
 
@@ -66,6 +66,21 @@ def test_guidance_annealing_is_linear_over_the_run():
     assert annealed_guidance(800, 800, 3.0, 1.0) == 1.0
     assert annealed_guidance(900, 800, 3.0, 1.0) == 1.0  # a resumed run past its steps stays at the end
     assert annealed_guidance(400, 800, 7.5, None) == 7.5
+
+
+def test_lr_decay_follows_torch_exponential_lr():
+    """decayed_lr_factor(k, N, d) is the rate torch's ExponentialLR (gamma = d ** (1 / N)) gives at step k,
+    reaching d at the last step, and it stays there past it (a resumed run extended with --steps)."""
+    steps, decay = 40, 0.1
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay ** (1 / steps))
+    for step in range(steps + 1):
+        assert decayed_lr_factor(step, steps, decay) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9)
+        optimizer.step()
+        scheduler.step()
+    assert decayed_lr_factor(steps, steps, decay) == pytest.approx(decay)
+    assert decayed_lr_factor(steps + 10, steps, decay) == pytest.approx(decay)
+    assert decayed_lr_factor(17, steps, 1.0) == 1.0
 
 
 def test_teacher_defaults_for_guidance():

@@ -29,9 +29,9 @@ from torch.nn import functional as F
 
 from .encoding import HashGridEncoding
 
-# The hash grid configuration that keeps CPU steps fast (see the encoding's benchmark notes).
-CPU_FAST_ENCODING = dict(n_levels=12, n_features_per_level=2, log2_hashmap_size=17, base_resolution=16,
-                         max_resolution=512)
+# cpu-fast's hash grid (GenerateConfig's defaults, which say why it stops at 64 cells).
+CPU_FAST_ENCODING = dict(n_levels=6, n_features_per_level=2, log2_hashmap_size=17, base_resolution=16,
+                         max_resolution=64)
 NORMAL_MODES = ("auto", "analytic", "finite_difference")
 # softplus(x) = x above this (torch's default threshold): exp would overflow, and log1p(e^x) = x in fp32.
 SOFTPLUS_THRESHOLD = 20.0
@@ -126,9 +126,9 @@ def linear_feature_major(layer: nn.Linear, h: torch.Tensor) -> torch.Tensor:
 
 
 DISPLAY_NORMAL_EPS = 0.02
-"""`display_normals`' difference, as a fraction of the box side: 10 cells of the finest hash level
-of cpu-fast's 512-cell grid, about 2 pixels of a 128 px turntable at the evaluation distance. It
-cuts the shaded grain of trained runs 2.8-3.1x (benchmarks/speckle.py)."""
+"""`display_normals`' difference, as a fraction of the box side: about 2 pixels of a 128 px turntable
+at the evaluation distance (10 cells of the 512-cell grid cpu-fast had before, 1.3 of today's
+64-cell one). It cut the shaded grain of trained runs of that grid 2.8-3.1x (benchmarks/speckle.py)."""
 
 
 class NeRFField(nn.Module):

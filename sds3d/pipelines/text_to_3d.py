@@ -29,7 +29,7 @@ import torch
 
 from ..config import ConfigError, GenerateConfig
 from ..settings import check_value
-from ..distill.annealing import annealed_guidance, annealed_range
+from ..distill.annealing import annealed_guidance, annealed_range, decayed_lr_factor
 from ..distill.score import NFSD_NEGATIVE_PROMPT, lora_diffusion_loss, nfsd_loss, sds_loss, vsd_loss
 from ..precision import describe_precision
 from ..threads import ThreadGovernor
@@ -560,6 +560,9 @@ class TextTo3D:
                 self._check_loss(loss, terms)
                 loss.backward()
                 self._check_gradients(draws, prompts_by_view)
+                factor = decayed_lr_factor(self.step, cfg.steps, cfg.lr_decay, cfg.lr_decay_start)
+                for group, base in zip(self.optimizer.param_groups, (cfg.lr_encoding, cfg.lr_network)):
+                    group["lr"] = base * factor  # from the step alone: a resumed run takes the same rates
                 self.optimizer.step()
                 if self.lora is not None:
                     self.lora_optimizer.step()
