@@ -9,8 +9,9 @@ world's ground truth by `generate` itself (metrics.json: IoU, colour error, spec
 Runs live under outputs/generate_speed/DAY/VARIANT/PROMPT-sSEED (DAY: today's date, or --runs); a run
 with a metrics.json is reused, so the command resumes within a day, while another day (perhaps another
 machine, or the same one under other load) measures every variant again, cpu-fast included: the time
-ratios compare runs of one machine and one sitting. Writes benchmarks/results/generate_speed.{json,md}: per variant the mean over prompts
-and seeds, and the training time as a ratio to cpu-fast's on the same machine in the same table.
+ratios compare runs of one machine and one sitting. Writes benchmarks/results/generate_speed.{json,md}:
+per variant the mean over prompts and seeds, and the training time as a ratio to cpu-fast's on the
+same machine in the same table; the md names the settings cpu-fast's runs were made with.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ class GenerateConfig:
     # optimization
     lr_encoding: float = 0.01
     lr_network: float = 0.001
-    lr_decay: float = 1.0  # both rates' factor at the last step, reached exponentially (1.0: constant)
+    lr_decay: float = 1.0  # both rates' factor at the end of the run, reached exponentially (1.0: constant)
     lr_decay_start: float = 0.0  # fraction of the steps before the rates start to fall
     # score distillation: "sds" (DreamFusion), "vsd" (ProlificDreamer: a camera-conditioned LoRA copy
     # of the teacher's network trained alongside) or "nfsd" (noise-free score distillation)
@@ -177,7 +177,7 @@ class GenerateConfig:
         need(self.lambda_z_variance >= 0, "lambda_z_variance", "must be >= 0")
         need(self.lambda_albedo_smooth >= 0, "lambda_albedo_smooth", "must be >= 0")
         need(self.lr_encoding > 0 and self.lr_network > 0, "lr_encoding", "learning rates must be > 0")
-        need(0.0 < self.lr_decay <= 1.0, "lr_decay", "must be in (0, 1]: the rates' factor at the last step")
+        need(0.0 < self.lr_decay <= 1.0, "lr_decay", "must be in (0, 1]: the rates' factor at the end of the run")
         need(0.0 <= self.lr_decay_start < 1.0, "lr_decay_start", "must be in [0, 1) (a fraction of the steps)")
         need(all(f in EXPORT_FORMATS for f in self.export_formats), "export_formats", f"allowed are {', '.join(EXPORT_FORMATS)}")
         need(self.mesh_threshold == "auto" or (isinstance(self.mesh_threshold, (int, float)) and self.mesh_threshold > 0),

@@ -27,12 +27,12 @@ def annealed_guidance(step: int, total_steps: int, guidance_scale: float, guidan
 
 def decayed_lr_factor(step: int, total_steps: int, lr_decay: float = 1.0, decay_start: float = 0.0) -> float:
     """The learning rates' factor at `step`: 1 until the fraction `decay_start` of the run, then falling
-    exponentially to `lr_decay` at the last step, lr_decay ** progress (stable-dreamfusion's LambdaLR
-    0.1 ** (iter / iters) when decay_start is 0); lr_decay 1.0 keeps the rates constant. Why decay:
-    Adam moves every hash-table entry by about its learning rate each step, whatever the size of its
-    gradient, and the SDS gradient of a pixel is mostly noise (Poole et al. 2022, eq. 3: eps_hat - eps).
-    At a constant rate the last steps keep shaking the finest levels, which shows as grain in renders
-    finer than the training ones."""
+    exponentially to `lr_decay` at the end of the run, lr_decay ** progress (stable-dreamfusion's
+    LambdaLR 0.1 ** (iter / iters) when decay_start is 0); lr_decay 1.0 keeps the rates constant.
+    Why decay: Adam moves every hash-table entry by about its learning rate each step, whatever the
+    size of its gradient, and much of the SDS gradient of a pixel is noise (Poole et al. 2022, eq. 3:
+    eps_hat - eps). Entries that no render constrains well wander by the sum of those steps, which
+    shows as grain; a smaller sum wanders less, at the price of a shape that settles more slowly."""
     if total_steps <= 0 or lr_decay == 1.0:
         return 1.0
     progress = min(max((step / total_steps - decay_start) / max(1e-8, 1 - decay_start), 0.0), 1.0)
