@@ -61,9 +61,9 @@ class GenerateConfig:
     # over about 56 pixels, so 64 cells is about one a pixel; the teacher sees the render at 32 px.
     # Finer levels are seen by no render: SDS noise walks them at random, which shows as grain at
     # the turntable's 128 px. Against 12 levels up to 512 cells (benchmarks/results/quality-grid64,
-    # every single category and two-object scene, seed 0): albedo speckle 0.60x, colour error 0.87x (single)
-    # and 0.71x (two objects), IoU unchanged (single) and +0.02 (two objects), training time 0.99x and
-    # 0.95x. The GPU presets keep threestudio's 16 levels up to 2048.
+    # seed 0 of every prompt): single categories' albedo speckle 0.60x, colour error 0.87x, IoU the same;
+    # two-object scenes' speckle 0.61x, colour error 0.71x, IoU +0.02; training time 0.95-1.14x (noisy).
+    # The GPU presets keep threestudio's 16 levels up to 2048.
     n_levels: int = 6
     log2_hashmap_size: int = 17
     base_resolution: int = 16
