@@ -102,8 +102,7 @@ def main(argv=None) -> int:
         summary[variant] = {k: mean(r[k] for r in mine) for k in SCORES}
     reference = summary["cpu-fast"]["train_seconds"]
     # what cpu-fast was when its runs were made (the preset's defaults change; reused runs keep theirs)
-    saved = yaml.safe_load((RUNS / args.runs / "cpu-fast" / f"{args.prompts[0].replace(' ', '-')}-s{args.seeds[0]}"
-                            / "config.yaml").read_text())
+    saved = yaml.safe_load((Path(next(r["run"] for r in rows if r["variant"] == "cpu-fast")) / "config.yaml").read_text())
     grid = ", ".join(f"{key} {saved[key]}" for key in ("steps", "n_levels", "max_resolution", "render_resolution"))
     command = "python benchmarks/generate_speed.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     cpu, _ = read_cpuinfo()

@@ -454,8 +454,8 @@ def markdown(report: dict) -> str:
         lines += ["", "## Against the baseline", "", f"Baseline: {b['path']} (`{b['command']}`), over the runs done in both "
                   "(same group, prompt and seed); before -> after (after / before).", "",
                   "| group | runs | IoU | colour err | speckle | train s |", "|---|---|---|---|---|---|"]
+        show = lambda key, v: _seconds(v) if key == "train_seconds" else _fmt(v, 4 if key == "speckle" else 3)  # noqa: E731
         for group, g in b["groups"].items():
-            show = lambda key, v: _seconds(v) if key == "train_seconds" else _fmt(v, 4 if key == "speckle" else 3)  # noqa: E731
             cells = [f"{show(k, g[k]['before'])} -> {show(k, g[k]['after'])} ({_fmt(g[k]['ratio'], 2)})" for k in BASELINE_KEYS]
             lines.append(f"| {group} | {g['runs']} | " + " | ".join(cells) + " |")
     lines += ["", "## Every run", "", "| group | prompt | seed | canonical | state | IoU | colour err | Chamfer | speckle | "

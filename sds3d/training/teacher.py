@@ -705,8 +705,8 @@ def evaluate_views(teacher: EmbeddedTeacher, prompts: list[str] | None = None, s
     (`sample_views`), each scored by silhouette IoU (`eval.ground_truth.drawn_mask` of the sample and of
     the truth render, made as the training data are) twice: against the truth from the same camera
     (`silhouette_iou`), and from the camera a quarter turn further round (`silhouette_iou_turned`): a
-    teacher that ignored the camera scores both alike. Most of the world looks the same from a quarter turn round (a sphere, a cube, a cone);
-    `view_gain` is the difference of the two over the prompts that do not (`turn_dependent`: the truth's
+    teacher that ignored the camera scores both alike. Most of the world looks the same from a quarter
+    turn round (a sphere, a cube, a cone); `view_gain` is the difference of the two over the prompts that do not (`turn_dependent`: the truth's
     silhouettes from the two cameras overlap by IoU < 0.9: a table, a dumbbell, a lollipop), so it is what
     the camera conditioning adds where it matters; None when no prompt is. Returns (record, images)."""
     from ..eval.ground_truth import drawn_mask
