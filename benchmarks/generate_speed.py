@@ -58,6 +58,9 @@ VARIANTS: dict[str, dict] = {
     "lr decay 0.1, 600 steps": {"lr_decay": 0.1, "steps": 600},
     "lr decay 0.3": {"lr_decay": 0.3},
     "lr decay 0.1 over the last quarter": {"lr_decay": 0.1, "lr_decay_start": 0.75},
+    "albedo from the 3 coarsest levels": {"albedo_levels": 3},
+    "albedo from the 4 coarsest levels": {"albedo_levels": 4},
+    "early ray termination 0.01": {"early_stop_eps": 0.01},
 }
 SCORES = ("iou_mean", "color_error_mean", "speckle", "train_seconds")
 

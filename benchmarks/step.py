@@ -4,10 +4,19 @@
 
 A fresh field is a blob filling much of the box; `--checkpoint` times the steps of a trained
 field (e.g. the last checkpoint of `sds3d generate "a red cube"`), which is what most of a run costs.
+
+`--compare-fused-mlp` alternates the steps between the fused CPU field network
+(csrc/mlp_kernels.cpp) and the same network in torch ops (`NeRFField(fused_mlp=False)`), so that
+both see the same machine state (a shared machine's speed drifts by 2-3x over minutes), and
+prints both with their ratio; `--out` saves the lines as a markdown file.
 """
 
 import argparse
+import platform
+import shlex
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,6 +28,7 @@ from sds3d.nerf.occupancy import OccupancyGrid
 from sds3d.nerf.render import render_image
 from sds3d.pipelines.regularizers import orientation_loss
 from sds3d.pipelines.text_to_3d import make_field, make_optimizer, make_teacher, view_prompts
+from sds3d.precision import cpu_capability, read_cpuinfo
 
 
 def main():
@@ -33,7 +43,11 @@ def main():
     parser.add_argument("--checkpoint", default=None, help="a run's checkpoints/last.pt: time a trained field")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="config overrides, e.g. early_stop_eps=0 num_samples=32 (YAML values)")
+    parser.add_argument("--compare-fused-mlp", action="store_true",
+                        help="alternate steps between the fused field network and its torch ops")
+    parser.add_argument("--out", default=None, help="also write the lines to this markdown file")
     args = parser.parse_args()
+    lines = []
     for resolution in args.resolution:
         cfg = make_config(args.preset, prompt=args.prompt, teacher=args.teacher, render_resolution=resolution,
                           encoding_backend=args.encoding_backend, explicit=parse_overrides(args.set))
@@ -52,8 +66,12 @@ def main():
         if hasattr(teacher, "unconditional_data"):  # the oracle builds its image banks up front
             teacher.unconditional_data()
         g = torch.Generator().manual_seed(0)
-        times = {"render": [], "teacher": [], "backward": [], "total": []}
-        for step in range(args.steps + 3):
+        variants = ("fused", "torch") if args.compare_fused_mlp else ("default",)
+        times = {v: {"render": [], "teacher": [], "backward": [], "total": []} for v in variants}
+        for step in range(len(variants) * (args.steps + 3)):
+            variant = variants[step % len(variants)]
+            if args.compare_fused_mlp:
+                field.fused_mlp = variant == "fused"
             t0 = time.perf_counter()
             cams = sample_cameras(cfg.batch_size, resolution, cfg.elevation_range, cfg.azimuth_range,
                                   cfg.distance_range, cfg.fovy_range, generator=g)
@@ -69,12 +87,28 @@ def main():
             optimizer.step()
             occupancy.update(field, step=step + 1, generator=g)  # as the pipeline does
             t3 = time.perf_counter()
-            if step >= 3:
-                for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-                    times[k].append(v)
-        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        print(f"{resolution}x{resolution} batch {cfg.batch_size} {args.shading} {field.encoding.backend}: " +
-              "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items()), flush=True)
+            if step >= 3 * len(variants):
+                for k, v in zip(times[variant], (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                    times[variant][k].append(v)
+        medians = {}
+        for variant in variants:
+            medians[variant] = {k: sorted(v)[len(v) // 2] for k, v in times[variant].items()}
+            network = "" if variant == "default" else f", network {variant}"
+            lines.append(f"{resolution}x{resolution} batch {cfg.batch_size} {args.shading} {field.encoding.backend}{network}: "
+                         + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in medians[variant].items()))
+            print(lines[-1], flush=True)
+        if args.compare_fused_mlp:
+            lines.append("fused / torch: " + "  ".join(f"{k} {medians['fused'][k] / medians['torch'][k]:.2f}x"
+                                                       for k in medians["fused"]))
+            print(lines[-1], flush=True)
+    if args.out:
+        cpu, _ = read_cpuinfo()
+        command = "python benchmarks/step.py " + shlex.join(sys.argv[1:])
+        text = [f"# Seconds per SDS step (median of {args.steps} steps{' each' if args.compare_fused_mlp else ''})", "",
+                f"`{command}` on {cpu} ({cpu_capability()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                f"python {platform.python_version()}.", "", "```", *lines, "```", ""]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(text))
 
 
 if __name__ == "__main__":

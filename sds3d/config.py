@@ -69,6 +69,8 @@ class GenerateConfig:
     base_resolution: int = 16
     max_resolution: int = 64
     hidden_dim: int = 64
+    # the albedo from the grid's coarsest levels only (the density from all): 0 = every level (NeRFField)
+    albedo_levels: int = 0
     encoding_backend: str = "auto"  # "auto" (tcnn on CUDA, the fused C++ op on CPU), "cpp", "torch" or "tcnn"
     device: str = "auto"  # where the field trains: "auto" (CUDA when there, but the oracle is CPU-only), "cpu", "cuda"
     # the embedded teacher's CPU compute: "auto" (fp32 in the NeRF loop, see make_teacher), "fp32" or "bf16" autocast
@@ -205,6 +207,7 @@ class GenerateConfig:
         need(self.occupancy_resolution >= 1 and self.occupancy_update_every >= 1, "occupancy_resolution",
              "occupancy_resolution and occupancy_update_every must be >= 1")
         need(self.n_levels >= 1 and self.hidden_dim >= 1, "n_levels", "n_levels and hidden_dim must be >= 1")
+        need(0 <= self.albedo_levels <= self.n_levels, "albedo_levels", "must be in [0, n_levels] (0: every level)")
         need(1 <= self.base_resolution <= self.max_resolution, "max_resolution", "need 1 <= base_resolution <= max_resolution")
         need(1 <= self.log2_hashmap_size <= 30, "log2_hashmap_size", "must be in [1, 30] (table size 2**N per level)")
         need(self.blob_density >= 0 and self.blob_radius > 0, "blob_radius", "need blob_density >= 0 and blob_radius > 0")

@@ -112,6 +112,7 @@ def test_validate_checks_types_of_configs_built_in_code():
     ({"export_resolution": 2}, "export_resolution", ">= 8"),
     ({"base_resolution": 64, "max_resolution": 32}, "max_resolution", "base_resolution <= max_resolution"),
     ({"background": 2.0}, "background", "[0, 1]"),
+    ({"albedo_levels": 7}, "albedo_levels", "[0, n_levels]"),
 ])
 def test_generate_values_refused_at_config_time(values, name, allowed):
     with pytest.raises(ConfigError) as info:

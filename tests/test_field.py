@@ -17,10 +17,10 @@ def random_field(n_hidden_layers=1, **kwargs):
     return field
 
 
-@pytest.mark.parametrize("n_hidden_layers", [1, 2])
-def test_analytic_normals_match_autograd(n_hidden_layers):
+@pytest.mark.parametrize("n_hidden_layers, albedo_levels", [(1, 0), (2, 0), (1, 2), (2, 1)])
+def test_analytic_normals_match_autograd(n_hidden_layers, albedo_levels):
     # A mild blob so that softplus' does not underflow anywhere (autograd's gradient would vanish).
-    field = random_field(n_hidden_layers, radius=1.5, blob_density=1.0, blob_radius=1.0)
+    field = random_field(n_hidden_layers, radius=1.5, blob_density=1.0, blob_radius=1.0, albedo_levels=albedo_levels)
     x = (torch.rand(300, 3) * 2 - 1) * 1.4
     out = field(x, with_normals=True)
     xr = x.clone().requires_grad_()
@@ -115,3 +115,35 @@ def test_cpu_fast_encoding_is_the_generate_default():
     reference = NeRFField(**CPU_FAST_ENCODING)
     assert field.encoding.table.shape == reference.encoding.table.shape
     assert [lv.resolution for lv in field.encoding.levels] == [lv.resolution for lv in reference.encoding.levels]
+
+
+@pytest.mark.parametrize("n_hidden_layers", [1, 2])
+def test_albedo_levels_keep_the_albedo_off_the_fine_levels(n_hidden_layers):
+    # Rewriting the table of the levels past albedo_levels must leave the albedo bit for bit as it was
+    # and move the density; rewriting a coarse level moves both.
+    field = random_field(n_hidden_layers, albedo_levels=2)
+    x = torch.rand(400, 3) * 2 - 1
+    before = field(x, with_normals=True)
+    with torch.no_grad():
+        field.encoding.table[2:].uniform_(-1.0, 1.0)
+    fine = field(x, with_normals=True)
+    assert torch.equal(fine["albedo"], before["albedo"])
+    assert (fine["density"] - before["density"]).abs().max() > 1e-2
+    with torch.no_grad():
+        field.encoding.table[:1].uniform_(-1.0, 1.0)
+    assert (field(x)["albedo"] - fine["albedo"]).abs().max() > 1e-4
+    # and the gradients agree: none from the albedo reaches the fine levels
+    field(x, with_normals=True)["albedo"].sum().backward()
+    per_level = field.encoding.table.grad.abs().sum((1, 2))
+    assert torch.all(per_level[2:] == 0) and torch.all(per_level[:2] > 0)
+
+
+@pytest.mark.parametrize("albedo_levels", [0, 4])
+def test_albedo_levels_zero_or_all_is_the_plain_field(albedo_levels):
+    plain, other = random_field(), random_field(albedo_levels=albedo_levels)
+    x = torch.rand(200, 3) * 2 - 1
+    a, b = plain(x, with_normals=True), other(x, with_normals=True)
+    for key in ("density", "albedo", "normal"):
+        assert torch.equal(a[key], b[key])
+    with pytest.raises(ValueError, match="albedo_levels must be in"):
+        random_field(albedo_levels=5)

@@ -11,7 +11,17 @@ taken in reverse mode through the MLP (g <- W^T (g * ReLU'), one small GEMM per 
 with the hash grid's closed-form Jacobian (D, 3, N), and the blob's gradient is added; nothing
 needs a double backward. (Pushing the Jacobian forward through the layers instead costs an
 (H, 3N) GEMM and mask per layer, three times the work of one (H, N) pass back.) The MLP runs
-feature-major, (features, points), so that every layer is one GEMM.
+feature-major, (features, points), so that every layer is one GEMM. On the fused CPU hash grid a
+one-hidden-layer network runs as one fused kernel instead (`hashgrid_cpp.field_mlp`, the same
+function and gradients: as torch ops each step streams the (H, N) activations through memory some
+twenty times); `fused_mlp=False` keeps the torch ops, the reference it is tested against.
+
+With `albedo_levels` = k (0 < k < the grid's levels) the albedo depends on the k coarsest levels
+only, the density on all of them: the last half of every hidden layer's units ("colour units") read
+only the coarse levels' features (and, deeper, only colour units), and the albedo logits read only
+colour units. It is a mask on the weights, so it costs nothing. Why: a level finer than the pixels
+the teacher sees gets no consistent colour signal, and SDS noise walks its albedo at random, which
+shows as grain in the texture; the shape still needs those levels for its edges.
 
 A grid with no Jacobian (the tcnn backend) gets finite-difference normals instead (threestudio's
 "finite_difference" normals): central differences of the density logit along each axis, with
@@ -27,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import hashgrid_cpp
 from .encoding import HashGridEncoding
 
 # cpu-fast's hash grid (GenerateConfig's defaults, which say why it stops at 64 cells).
@@ -120,9 +131,31 @@ class _FeatureMajorLinear(torch.autograd.Function):
         return grad_h, grad_weight, grad_bias
 
 
-def linear_feature_major(layer: nn.Linear, h: torch.Tensor) -> torch.Tensor:
-    """`layer` on feature-major h (in, N) -> (out, N), one GEMM, thread-count-invariant gradients."""
-    return _FeatureMajorLinear.apply(h, layer.weight, layer.bias)
+def linear_feature_major(layer: nn.Linear, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`layer` on feature-major h (in, N) -> (out, N), one GEMM, thread-count-invariant gradients;
+    with `mask` (out, in) of 0 and 1 the weight is `layer.weight * mask` (the masked entries get no gradient)."""
+    return _FeatureMajorLinear.apply(h, layer.weight if mask is None else layer.weight * mask, layer.bias)
+
+
+def albedo_masks(dims: list[int], coarse_features: int) -> list[torch.Tensor]:
+    """Weight masks (out, in) of the hidden layers and the head (`dims` = [features, hidden...]) that make
+    the albedo logits (head rows 1-3) a function of the first `coarse_features` features alone.
+
+    The last half of each hidden layer's units are colour units: in the first layer they read the
+    coarse features only, deeper only the previous layer's colour units. The density row of the head
+    reads every unit, the albedo rows the colour units only."""
+    masks = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        mask = torch.ones(b, a)
+        colour = slice(b - b // 2, b)
+        if i == 0:
+            mask[colour, coarse_features:] = 0.0
+        else:
+            mask[colour, : a - a // 2] = 0.0
+        masks.append(mask)
+    head = torch.ones(4, dims[-1])
+    head[1:, : dims[-1] - dims[-1] // 2] = 0.0
+    return masks + [head]
 
 
 DISPLAY_NORMAL_EPS = 0.02
@@ -143,7 +176,7 @@ class NeRFField(nn.Module):
     def __init__(self, radius: float = 1.0, encoding: HashGridEncoding | None = None, hidden_dim: int = 64,
                  n_hidden_layers: int = 1, blob_density: float = 10.0, blob_radius: float = 0.5,
                  normals: str = "auto", normal_eps: float = 0.01, regions: dict[str, torch.Tensor] | None = None,
-                 **encoding_kwargs):
+                 albedo_levels: int = 0, fused_mlp: bool = True, **encoding_kwargs):
         super().__init__()
         if normals not in NORMAL_MODES:
             raise ValueError(f"normals must be one of {NORMAL_MODES}, got {normals!r}")
@@ -154,11 +187,32 @@ class NeRFField(nn.Module):
             for name in ("lo", "hi", "centre", "scale"):
                 self.register_buffer(f"region_{name}", torch.as_tensor(regions[name], dtype=torch.float32).clone())
         self.normals, self.normal_eps = normals, normal_eps
+        # False keeps the network in torch ops even on the fused CPU hash grid: the reference the fused
+        # kernel is tested and benchmarked against (benchmarks/step.py --compare-fused-mlp)
+        self.fused_mlp = fused_mlp
         self.encoding = encoding if encoding is not None else HashGridEncoding(**encoding_kwargs)
         dims = [self.encoding.output_dim] + [hidden_dim] * n_hidden_layers
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.head = nn.Linear(dims[-1], 4)  # [density logit, albedo logits x 3]
         nn.init.zeros_(self.head.bias)  # start from the pure blob and grey albedo
+        levels = self.encoding.n_levels
+        if not 0 <= albedo_levels <= levels:
+            raise ValueError(f"albedo_levels must be in [0, {levels}] (0: all of the grid's levels), got {albedo_levels}")
+        self.albedo_levels = albedo_levels
+        self.masked = 0 < albedo_levels < levels
+        if self.masked:  # not saved: they follow from albedo_levels, like the grid's layout
+            coarse = albedo_levels * self.encoding.n_features_per_level
+            for i, mask in enumerate(albedo_masks(dims, coarse)):
+                self.register_buffer(f"mask_{i}", mask, persistent=False)
+
+    def _mask(self, i: int) -> torch.Tensor | None:
+        """The weight mask of hidden layer i (i = len(hidden): the head), or None without albedo_levels."""
+        return getattr(self, f"mask_{i}") if self.masked else None
+
+    def _weight(self, i: int) -> torch.Tensor:
+        """The weight of hidden layer i (the head for i = len(hidden)) as the field uses it, masked."""
+        layer = self.head if i == len(self.hidden) else self.hidden[i]
+        return layer.weight if not self.masked else layer.weight * self._mask(i)
 
     def to_unit(self, x: torch.Tensor) -> torch.Tensor:
         """World points in the box -> [0, 1]^3 for the encoding."""
@@ -244,29 +298,45 @@ class NeRFField(nn.Module):
         else:
             feats, j = self.encoding(u), None
         h = feats.t()  # (D, N)
+        if self._fused_mlp(feats):
+            out, grad_u = hashgrid_cpp.field_mlp(h, j, self._weight(0), self.hidden[0].bias, self._weight(1),
+                                                 self.head.bias)
+            return self._outputs(x, out, None if grad_u is None else grad_u.t().contiguous())  # rows: fast norms
         active = []  # ReLU derivatives (H, N), for the normals
-        for layer in self.hidden:
-            pre = linear_feature_major(layer, h)  # (H, N)
+        for i, layer in enumerate(self.hidden):
+            pre = linear_feature_major(layer, h, self._mask(i))  # (H, N)
             h = F.relu(pre)
             if j is not None:
                 active.append((pre > 0).to(pre.dtype))
-        out = linear_feature_major(self.head, h)  # (4, N)
-        logit = out[0] + self.blob(x)
-        inside = self.inside(x)
-        result = {
-            "density": torch.where(inside, softplus(logit), torch.zeros_like(logit)),
-            "albedo": sigmoid(out[1:]).t(),
-        }
+        out = linear_feature_major(self.head, h, self._mask(len(self.hidden)))  # (4, N)
+        grad_u = None
         if with_normals:
             # d logit / d features in reverse mode: one (in, H) GEMM per layer, g <- W^T (g * relu'),
             # far cheaper than pushing the (H, 3, N) Jacobian forward through every layer.
-            g = self.head.weight[0][:, None]  # (H, 1)
-            for layer, mask in zip(reversed(self.hidden), reversed(active)):
-                g = _FeatureMajorLinear.apply(g * mask, layer.weight.t(), None)  # (in, N) = W^T (g * relu')
-            # then through the encoding's Jacobian (D, 3, N), one coordinate at a time (contiguous rows);
-            # the MLP part is w.r.t. the unit coordinates u = (x / radius + 1) / 2.
-            grad = torch.stack([(j_k * g).sum(0) for j_k in j.unbind(1)], dim=1) * (0.5 / self.radius)
-            grad = grad + self.blob_gradient(x)
+            g = self._weight(len(self.hidden))[0][:, None]  # (H, 1)
+            for i in reversed(range(len(self.hidden))):
+                g = _FeatureMajorLinear.apply(g * active[i], self._weight(i).t(), None)  # (in, N) = W^T (g * relu')
+            # then through the encoding's Jacobian (D, 3, N), one coordinate at a time (contiguous rows)
+            grad_u = torch.stack([(j_k * g).sum(0) for j_k in j.unbind(1)], dim=1)
+        return self._outputs(x, out, grad_u)
+
+    def _fused_mlp(self, feats: torch.Tensor) -> bool:
+        """Whether the network runs as the fused CPU kernel (`hashgrid_cpp.field_mlp`): one hidden
+        layer, and the fused CPU hash grid in use (backend "cpp"; "torch" keeps every op in torch)."""
+        return (self.fused_mlp and len(self.hidden) == 1 and self.encoding.backend == "cpp"
+                and hashgrid_cpp.supports_mlp(feats, self.hidden[0].out_features))
+
+    def _outputs(self, x: torch.Tensor, out: torch.Tensor, grad_u: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """density, albedo and (given grad_u, d logit / d u (N, 3) of the network) normal from the
+        network's logits out (4, N) at world points x (N, 3)."""
+        logit = out[0] + self.blob(x)
+        result = {
+            "density": torch.where(self.inside(x), softplus(logit), torch.zeros_like(logit)),
+            "albedo": sigmoid(out[1:]).t(),
+        }
+        if grad_u is not None:
+            # the network's part is w.r.t. the unit coordinates u = (x / radius + 1) / 2
+            grad = grad_u * (0.5 / self.radius) + self.blob_gradient(x)
             # softplus' > 0 only scales the gradient, so it is left out: the direction is the same,
             # and it cannot underflow to a zero normal where the density is tiny.
             result["normal"] = -F.normalize(grad, dim=-1)
@@ -275,9 +345,9 @@ class NeRFField(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """(4, N): density logit (blob included) and albedo logits, without normals."""
         h = self.encoding(self.to_unit(x)).t()  # (D, N)
-        for layer in self.hidden:
-            h = F.relu(linear_feature_major(layer, h))
-        out = linear_feature_major(self.head, h)
+        for i, layer in enumerate(self.hidden):
+            h = F.relu(linear_feature_major(layer, h, self._mask(i)))
+        out = linear_feature_major(self.head, h, self._mask(len(self.hidden)))
         return torch.cat([(out[0] + self.blob(x))[None], out[1:]])
 
     def _forward_finite_difference(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

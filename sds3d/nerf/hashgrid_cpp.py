@@ -11,6 +11,9 @@ fails, `available()` is False and one warning line on stderr says why and that t
 encoder is used. Nothing here is needed at install time, so installing sds3d builds nothing and
 needs no torch in a build-isolated environment.
 
+`field_mlp` is the field's one-hidden-layer network on those features, with its density logit's
+gradient for the normals, fused (csrc/mlp_kernels.h); `NeRFField` uses it with this grid.
+
 `encode` is the op: features (L, F, N) and optionally Jacobians (L, F, 3, N), in the planar layout
 of `sds3d.nerf.encoding.hash_grid_encode`, differentiable w.r.t. the table (through both outputs),
 not w.r.t. the points. It computes the torch encoder's function (tiny-cuda-nn's HashGrid; see
@@ -34,7 +37,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "hashgrid.cpp", CSRC / "hashgrid_kernels.cpp")  # bindings; kernels (no torch headers)
+SOURCES = (CSRC / "hashgrid.cpp", CSRC / "hashgrid_kernels.cpp", CSRC / "mlp_kernels.cpp")  # bindings; kernels
 NAME = "sds3d_hashgrid"
 # -ffp-contract=off: no fused multiply-adds, so that the arithmetic (and the result, bit for bit
 # in the forward) is that of the torch encoder's separate elementwise ops. -fno-trapping-math (as
@@ -261,3 +264,40 @@ def encode(table: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, layout: t
     return HashGridFunction.apply(table.contiguous(), x.detach().contiguous(),
                                   scales.detach().to(torch.float32).contiguous(), layout.detach().contiguous(),
                                   with_jacobian)
+
+
+class FieldMLPFunction(torch.autograd.Function):
+    """(feats (D, N), jacs (D, 3, N) or None, w1, b1, w2, b2) -> out (4, N), grad_u (3, N) or None:
+    `NeRFField`'s one-hidden-layer network and its density logit's gradient (csrc/mlp_kernels.h)."""
+
+    @staticmethod
+    def forward(ctx, feats, jacs, w1, b1, w2, b2):
+        empty = feats.new_empty(0)
+        out, grad_u = load().mlp_forward(feats, empty if jacs is None else jacs, w1, b1, w2, b2)
+        ctx.save_for_backward(feats, empty if jacs is None else jacs, w1, b1, w2)
+        ctx.set_materialize_grads(False)
+        return out, (None if jacs is None else grad_u)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_grad_u):
+        feats, jacs, w1, b1, w2 = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = feats.new_zeros(4, feats.shape[1])
+        grad_feats, grad_jacs, gw1, gb1, gw2, gb2 = load().mlp_backward(feats, jacs, w1, b1, w2, grad_out, grad_grad_u)
+        return grad_feats, (grad_jacs if grad_jacs.dim() == 3 else None), gw1, gb1, gw2, gb2
+
+
+def field_mlp(feats: torch.Tensor, jacs: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+              b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`NeRFField`'s network with one hidden layer on feature-major features (D, N), fused: logits
+    (4, N) = w2 relu(w1 f + b1) + b2 and, given the Jacobians (D, 3, N) of the features, the density
+    logit's gradient (3, N) w.r.t. the grid's coordinates. Differentiable w.r.t. every input."""
+    return FieldMLPFunction.apply(feats.contiguous(), None if jacs is None else jacs.contiguous(), w1.contiguous(),
+                                  b1.contiguous(), w2.contiguous(), b2.contiguous())
+
+
+def supports_mlp(feats: torch.Tensor, hidden_dim: int) -> bool:
+    """Whether `field_mlp` applies: float32 CPU features, widths within the kernels' limits."""
+    return (feats.device.type == "cpu" and feats.dtype == torch.float32 and 1 <= feats.shape[-1] <= 64
+            and 1 <= hidden_dim <= 128)

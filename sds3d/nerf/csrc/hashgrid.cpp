@@ -26,13 +26,15 @@
 // Compiled without OpenMP the pragmas are ignored and both run on one thread.
 //
 // This file: argument checks, allocation and the Python bindings. The kernels are in
-// hashgrid_kernels.cpp (no torch headers: the two files compile in parallel).
+// hashgrid_kernels.cpp and, for the field's MLP that follows the grid, mlp_kernels.cpp (no torch
+// headers: the files compile in parallel).
 
 // Lighter than <torch/extension.h> (the whole C++ frontend), which would double the build time.
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "hashgrid_kernels.h"
+#include "mlp_kernels.h"
 
 #include <cstdint>
 #include <optional>
@@ -116,14 +118,86 @@ at::Tensor hashgrid_backward(const at::Tensor& x, const at::Tensor& scales, cons
   return grad;
 }
 
+void check_float(const at::Tensor& t, int64_t dim0, int64_t dim1, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.size(0) == dim0 &&
+                  (dim1 < 0 ? t.dim() == 1 : (t.dim() == 2 && t.size(1) == dim1)),
+              "field mlp: ", what, " must be a contiguous float32 tensor on the CPU of the layer's shape");
+}
+
+// (D, N) features and (D, 3, N) Jacobians or a 1-d empty tensor (none); checks the weights' shapes against them.
+void check_mlp(const at::Tensor& feats, const at::Tensor& jacs, const at::Tensor& w1, const at::Tensor& b1,
+               const at::Tensor& w2) {
+  TORCH_CHECK(feats.dim() == 2, "field mlp: feats must be (D, N)");
+  const int64_t D = feats.size(0), N = feats.size(1), H = w1.size(0);
+  TORCH_CHECK(D >= 1 && D <= sds3d_mlp::MAX_FEATURES && H >= 1 && H <= sds3d_mlp::MAX_HIDDEN,
+              "field mlp: at most ", sds3d_mlp::MAX_FEATURES, " features and ", sds3d_mlp::MAX_HIDDEN, " hidden units");
+  check_float(feats, D, N, "feats");
+  check_float(w1, H, D, "w1 (H, D)");
+  check_float(b1, H, -1, "b1 (H,)");
+  check_float(w2, 4, H, "w2 (4, H)");
+  if (jacs.dim() != 1 || jacs.numel() != 0) {  // a 1-d empty tensor: no Jacobians
+    TORCH_CHECK(jacs.device().is_cpu() && jacs.scalar_type() == at::kFloat && jacs.is_contiguous() && jacs.dim() == 3 &&
+                    jacs.size(0) == D && jacs.size(1) == 3 && jacs.size(2) == N,
+                "field mlp: jacs must be a contiguous float32 (D, 3, N) on the CPU");
+  }
+}
+
+// Returns (out (4, N), grad_u (3, N) or an empty tensor without jacs).
+std::vector<at::Tensor> mlp_forward(const at::Tensor& feats, const at::Tensor& jacs, const at::Tensor& w1,
+                                    const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
+  check_mlp(feats, jacs, w1, b1, w2);
+  check_float(b2, 4, -1, "b2 (4,)");
+  const int64_t D = feats.size(0), N = feats.size(1), H = w1.size(0);
+  const bool normals = jacs.dim() == 3;
+  at::Tensor out = at::empty({4, N}, feats.options());
+  at::Tensor grad_u = normals ? at::empty({3, N}, feats.options()) : at::empty({0}, feats.options());
+  sds3d_mlp::forward(feats.data_ptr<float>(), normals ? jacs.data_ptr<float>() : nullptr, N, D, H, w1.data_ptr<float>(),
+                     b1.data_ptr<float>(), w2.data_ptr<float>(), b2.data_ptr<float>(), out.data_ptr<float>(),
+                     normals ? grad_u.data_ptr<float>() : nullptr);
+  return {out, grad_u};
+}
+
+// Returns (grad_feats (D, N), grad_jacs (D, 3, N) or empty, grad_w1, grad_b1, grad_w2, grad_b2).
+std::vector<at::Tensor> mlp_backward(const at::Tensor& feats, const at::Tensor& jacs, const at::Tensor& w1,
+                                     const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& grad_out,
+                                     const std::optional<at::Tensor>& grad_grad_u) {
+  check_mlp(feats, jacs, w1, b1, w2);
+  const int64_t D = feats.size(0), N = feats.size(1), H = w1.size(0);
+  at::Tensor gout = grad_out.to(at::kFloat).contiguous();
+  TORCH_CHECK(gout.dim() == 2 && gout.size(0) == 4 && gout.size(1) == N, "field mlp: grad_out must be (4, N)");
+  const bool normals = jacs.dim() == 3 && grad_grad_u && grad_grad_u->defined();
+  at::Tensor ggu;
+  if (normals) {
+    ggu = grad_grad_u->to(at::kFloat).contiguous();
+    TORCH_CHECK(ggu.dim() == 2 && ggu.size(0) == 3 && ggu.size(1) == N, "field mlp: grad_grad_u must be (3, N)");
+  }
+  auto opts = feats.options();
+  at::Tensor grad_feats = at::empty({D, N}, opts);
+  at::Tensor grad_jacs = normals ? at::empty({D, 3, N}, opts) : at::empty({0}, opts);
+  at::Tensor grad_w1 = at::empty({H, D}, opts), grad_b1 = at::empty({H}, opts);
+  at::Tensor grad_w2 = at::empty({4, H}, opts), grad_b2 = at::empty({4}, opts);
+  sds3d_mlp::backward(feats.data_ptr<float>(), normals ? jacs.data_ptr<float>() : nullptr, N, D, H,
+                      w1.data_ptr<float>(), b1.data_ptr<float>(), w2.data_ptr<float>(), gout.data_ptr<float>(),
+                      normals ? ggu.data_ptr<float>() : nullptr, grad_feats.data_ptr<float>(),
+                      normals ? grad_jacs.data_ptr<float>() : nullptr, grad_w1.data_ptr<float>(),
+                      grad_b1.data_ptr<float>(), grad_w2.data_ptr<float>(), grad_b2.data_ptr<float>());
+  return {grad_feats, grad_jacs, grad_w1, grad_b1, grad_w2, grad_b2};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sds3d fused CPU hash grid (forward, Jacobian, table backward)";
+  m.doc() = "sds3d fused CPU hash grid (forward, Jacobian, table backward) and field MLP";
   m.def("forward", &hashgrid_forward, "features (L, F, N) and Jacobian (L, F, 3, N)", py::arg("x"), py::arg("table"),
         py::arg("scales"), py::arg("layout"), py::arg("with_jacobian"), py::call_guard<py::gil_scoped_release>());
   m.def("backward", &hashgrid_backward, "table gradient (L, T, F)", py::arg("x"), py::arg("scales"),
         py::arg("layout"), py::arg("table_size"), py::arg("n_features"), py::arg("grad_feats"), py::arg("grad_jacs"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("mlp_forward", &mlp_forward, "the field MLP's logits (4, N) and density-logit gradient (3, N)",
+        py::arg("feats"), py::arg("jacs"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("mlp_backward", &mlp_backward, "the field MLP's input and weight gradients", py::arg("feats"),
+        py::arg("jacs"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("grad_out"), py::arg("grad_grad_u"),
         py::call_guard<py::gil_scoped_release>());
   m.def("openmp_threads", &sds3d_hashgrid::openmp_threads,
         "threads an OpenMP region would use (0: built without OpenMP)");
