@@ -449,9 +449,8 @@ def markdown(report: dict) -> str:
         lines += ["", "## Not supported by the world yet", ""]
         lines += [f"- {u['prompt']!r}: not supported yet: {u['error']}"
                   for u in unsupported]
-    if report.get("baseline"):
-        b = report["baseline"]
-        lines += ["", "## Against the baseline", "", f"Baseline: {b['path']} (`{b['command']}`), over the runs done in both "
+    for b in report.get("baselines", []):
+        lines += ["", f"## Against {b['path']}", "", f"Baseline: {b['path']} (`{b['command']}`), over the runs done in both "
                   "(same group, prompt and seed); before -> after (after / before).", "",
                   "| group | runs | IoU | colour err | speckle | train s |", "|---|---|---|---|---|---|"]
         show = lambda key, v: _seconds(v) if key == "train_seconds" else _fmt(v, 4 if key == "speckle" else 3)  # noqa: E731
@@ -531,9 +530,9 @@ def read_baseline(path: Path) -> dict:
 
 
 def write_results(entries: list[dict], batch_root: Path, out: Path, command: str, seeds: int,
-                  baseline: dict | None = None) -> str:
-    """quality.json, quality.md and quality.png in `out` from the batch folders (with a `baseline`,
-    `read_baseline`'s dict, also the before-and-after comparison); returns the md."""
+                  baselines: list[dict] = ()) -> str:
+    """quality.json, quality.md and quality.png in `out` from the batch folders (with `baselines`,
+    `read_baseline`'s dicts, also a before-and-after comparison with each); returns the md."""
     from sds3d.io import atomic_write_text
 
     runs = collect_runs(entries, batch_root)
@@ -546,9 +545,8 @@ def write_results(entries: list[dict], batch_root: Path, out: Path, command: str
               "batch_dir": str(batch_root), "seeds": seeds, "settings": batch_settings(batch_root),
               "seconds_rule": SECONDS_RULE, "janus_rule": JANUS_RULE, "summary": summarize_runs(runs), "runs": runs,
               "contact_sheet": sheet.name if sheet_prompts else None, "contact_sheet_prompts": sheet_prompts or []}
-    if baseline is not None:
-        report["baseline"] = {"path": baseline["path"], "command": baseline["command"], "settings": baseline["settings"],
-                              "groups": compare_with_baseline(runs, baseline["runs"])}
+    report["baselines"] = [{"path": b["path"], "command": b["command"], "settings": b["settings"],
+                            "groups": compare_with_baseline(runs, b["runs"])} for b in baselines]
     atomic_write_text(out / "quality.json", json.dumps(report, indent=2) + "\n")
     text = markdown(report)
     atomic_write_text(out / "quality.md", text)
@@ -573,8 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a generate setting for every run, as `sds3d batch --set` (recorded in the md header)")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted benchmark in --batch-dir")
-    parser.add_argument("--baseline", default=None, metavar="QUALITY_JSON",
-                        help="an earlier quality.json: also compare the runs both hold (same group, prompt, seed)")
+    parser.add_argument("--baseline", action="append", default=[], metavar="QUALITY_JSON",
+                        help="an earlier quality.json: also compare the runs both hold (same group, prompt, seed); "
+                             "repeatable")
     parser.add_argument("--summarize-only", action="store_true",
                         help="run nothing: (re)write quality.json/.md/.png from the runs in --batch-dir")
     return parser
@@ -601,13 +600,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = {"teacher": args.teacher, **sets}
         groups = tuple(g for g in GROUPS if g in (args.only or GROUPS))
         batch_root = Path(args.batch_dir)
-        baseline = read_baseline(Path(args.baseline)) if args.baseline else None
+        baselines = [read_baseline(Path(path)) for path in args.baseline]
         interrupted = False
         if not args.summarize_only:
             interrupted = run_benchmark(benchmark_list(args.seeds, groups, args.limit, args.teacher, sets), batch_root, groups,
                                         args.resume, args.preset, settings, args.workers, log)
         text = write_results(benchmark_list(args.seeds, teacher=args.teacher, sets=sets), batch_root, Path(args.out), command,
-                             args.seeds, baseline)
+                             args.seeds, baselines)
     except KeyboardInterrupt:
         print(f"interrupted: the running runs stopped with a checkpoint; finish with: {resume_command}", file=sys.stderr)
         return 130

@@ -112,7 +112,7 @@ def test_validate_checks_types_of_configs_built_in_code():
     ({"export_resolution": 2}, "export_resolution", ">= 8"),
     ({"base_resolution": 64, "max_resolution": 32}, "max_resolution", "base_resolution <= max_resolution"),
     ({"background": 2.0}, "background", "[0, 1]"),
-    ({"albedo_levels": 7}, "albedo_levels", "[0, n_levels]"),
+    ({"albedo_levels": -1}, "albedo_levels", ">= 0"),
 ])
 def test_generate_values_refused_at_config_time(values, name, allowed):
     with pytest.raises(ConfigError) as info:
@@ -163,13 +163,18 @@ def test_the_shipped_teachers_saved_configs_load():
 def test_an_older_config_yaml_loads(tmp_path):
     """An earlier version wrote fewer fields and, from --set, ints into float fields."""
     values = GenerateConfig(prompt="a red cube").to_dict()
-    for newer in ("coarse_resolution", "coarse_fraction", "oracle_camera_sigma", "lambda_z_variance"):
+    for newer in ("coarse_resolution", "coarse_fraction", "oracle_camera_sigma", "lambda_z_variance", "albedo_levels"):
         del values[newer]
     values["guidance_scale"] = 5
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     loaded = GenerateConfig.load(tmp_path / "config.yaml").validate()
     assert loaded.guidance_scale == 5.0 and loaded.coarse_resolution == 0 and loaded.oracle_camera_sigma == 5.0
     assert loaded.elevation_range == (-10.0, 60.0)
+    # a field whose default changed the field: a run saved without it keeps what it was made with
+    assert GenerateConfig().albedo_levels == 3 and loaded.albedo_levels == 0
+    values["albedo_levels"] = 2
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    assert GenerateConfig.load(tmp_path / "config.yaml").albedo_levels == 2
 
 
 # --- --set ---------------------------------------------------------------------------------------

@@ -138,12 +138,12 @@ def test_albedo_levels_keep_the_albedo_off_the_fine_levels(n_hidden_layers):
     assert torch.all(per_level[2:] == 0) and torch.all(per_level[:2] > 0)
 
 
-@pytest.mark.parametrize("albedo_levels", [0, 4])
+@pytest.mark.parametrize("albedo_levels", [0, 4, 5])
 def test_albedo_levels_zero_or_all_is_the_plain_field(albedo_levels):
     plain, other = random_field(), random_field(albedo_levels=albedo_levels)
     x = torch.rand(200, 3) * 2 - 1
     a, b = plain(x, with_normals=True), other(x, with_normals=True)
     for key in ("density", "albedo", "normal"):
         assert torch.equal(a[key], b[key])
-    with pytest.raises(ValueError, match="albedo_levels must be in"):
-        random_field(albedo_levels=5)
+    with pytest.raises(ValueError, match="albedo_levels must be >= 0"):
+        random_field(albedo_levels=-1)

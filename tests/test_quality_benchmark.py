@@ -259,8 +259,8 @@ def test_baseline_comparison_pairs_runs_by_group_prompt_and_seed(quality, fake, 
 
     baseline = quality.read_baseline(base / "quality.json")
     text = quality.write_results(entries, root, tmp_path / "after", "python benchmarks/quality.py --summarize-only",
-                                 seeds=2, baseline=baseline)
-    single = json.loads((tmp_path / "after" / "quality.json").read_text())["baseline"]["groups"]["single"]
+                                 seeds=2, baselines=[baseline])
+    single = json.loads((tmp_path / "after" / "quality.json").read_text())["baselines"][0]["groups"]["single"]
     assert single["runs"] == 2
     assert (single["iou"]["before"], single["iou"]["after"]) == (pytest.approx(0.83), pytest.approx(0.93))
     assert (single["speckle"]["before"], single["speckle"]["after"]) == (pytest.approx(0.006), pytest.approx(0.003))

@@ -16,8 +16,8 @@ one-hidden-layer network runs as one fused kernel instead (`hashgrid_cpp.field_m
 function and gradients: as torch ops each step streams the (H, N) activations through memory some
 twenty times); `fused_mlp=False` keeps the torch ops, the reference it is tested against.
 
-With `albedo_levels` = k (0 < k < the grid's levels) the albedo depends on the k coarsest levels
-only, the density on all of them: the last half of every hidden layer's units ("colour units") read
+With `albedo_levels` = k (0 < k < the grid's levels; 0 or more levels mean all of them) the albedo
+depends on the k coarsest levels only, the density on all of them: the last half of every hidden layer's units ("colour units") read
 only the coarse levels' features (and, deeper, only colour units), and the albedo logits read only
 colour units. It is a mask on the weights, so it costs nothing. Why: a level finer than the pixels
 the teacher sees gets no consistent colour signal, and SDS noise walks its albedo at random, which
@@ -195,11 +195,10 @@ class NeRFField(nn.Module):
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.head = nn.Linear(dims[-1], 4)  # [density logit, albedo logits x 3]
         nn.init.zeros_(self.head.bias)  # start from the pure blob and grey albedo
-        levels = self.encoding.n_levels
-        if not 0 <= albedo_levels <= levels:
-            raise ValueError(f"albedo_levels must be in [0, {levels}] (0: all of the grid's levels), got {albedo_levels}")
+        if albedo_levels < 0:
+            raise ValueError(f"albedo_levels must be >= 0 (0, or the grid's levels and more: all of them), got {albedo_levels}")
         self.albedo_levels = albedo_levels
-        self.masked = 0 < albedo_levels < levels
+        self.masked = 0 < albedo_levels < self.encoding.n_levels
         if self.masked:  # not saved: they follow from albedo_levels, like the grid's layout
             coarse = albedo_levels * self.encoding.n_features_per_level
             for i, mask in enumerate(albedo_masks(dims, coarse)):
@@ -298,7 +297,7 @@ class NeRFField(nn.Module):
         else:
             feats, j = self.encoding(u), None
         h = feats.t()  # (D, N)
-        if self._fused_mlp(feats):
+        if self._runs_fused(feats):
             out, grad_u = hashgrid_cpp.field_mlp(h, j, self._weight(0), self.hidden[0].bias, self._weight(1),
                                                  self.head.bias)
             return self._outputs(x, out, None if grad_u is None else grad_u.t().contiguous())  # rows: fast norms
@@ -320,7 +319,7 @@ class NeRFField(nn.Module):
             grad_u = torch.stack([(j_k * g).sum(0) for j_k in j.unbind(1)], dim=1)
         return self._outputs(x, out, grad_u)
 
-    def _fused_mlp(self, feats: torch.Tensor) -> bool:
+    def _runs_fused(self, feats: torch.Tensor) -> bool:
         """Whether the network runs as the fused CPU kernel (`hashgrid_cpp.field_mlp`): one hidden
         layer, and the fused CPU hash grid in use (backend "cpp"; "torch" keeps every op in torch)."""
         return (self.fused_mlp and len(self.hidden) == 1 and self.encoding.backend == "cpp"
