@@ -3,6 +3,7 @@
 // compiles in a few seconds, in parallel with the bindings.
 
 #include "hashgrid_kernels.h"
+#include "clones.h"
 
 #include <algorithm>
 #include <cmath>
@@ -20,15 +21,6 @@ constexpr uint32_t PRIME_Z = 805459861u;
 constexpr int64_t CHUNK = 64;   // points per inner pass (their indices and offsets stay in L1)
 constexpr int64_t BLOCK = 512;  // points per forward work item (writes 2 KiB per output plane)
 
-// Wider vector units where the CPU has them, picked when the library is loaded (GCC's
-// target_clones, an ifunc), so that one build runs on any x86-64: no -march=native needed (it
-// would add ~5-10% here; set SDS3D_EXT_CFLAGS=-march=native to try it on a machine of one's own).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SDS3D_NO_CLONES)
-#define SDS3D_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
-#else
-#define SDS3D_CLONES
-#endif
-#define SDS3D_INLINE inline __attribute__((always_inline))
 
 // The kernels work on chunks of CHUNK points in passes that auto-vectorize: offsets and corner
 // indices (`locate`), then per feature the interpolation with its 8 loads (emulated gathers) in the

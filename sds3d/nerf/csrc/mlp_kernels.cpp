@@ -17,6 +17,7 @@
 // Plain C++ and OpenMP, no torch headers (as hashgrid_kernels.cpp).
 
 #include "mlp_kernels.h"
+#include "clones.h"
 
 #include <algorithm>
 #include <cstring>
@@ -29,13 +30,6 @@ constexpr int64_t P = 64;       // points per pass
 constexpr int64_t BLOCK = 512;  // points per work item: a fixed partition, the order of the weight gradients' sums
 constexpr int64_t O = 4;        // outputs: the density logit and 3 albedo logits
 
-// Wider vector units where the CPU has them, picked at load time (see hashgrid_kernels.cpp).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SDS3D_NO_CLONES)
-#define SDS3D_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
-#else
-#define SDS3D_CLONES
-#endif
-#define SDS3D_INLINE inline __attribute__((always_inline))
 
 // sum_i a[i] b[i] over the P points of a pass, in 8 interleaved partial sums added in a fixed
 // order: a reduction the compiler vectorizes without -ffast-math, with the same result at any
