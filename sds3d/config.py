@@ -70,9 +70,10 @@ class GenerateConfig:
     max_resolution: int = 64
     hidden_dim: int = 64
     # the albedo from the grid's 3 coarsest levels (16-28 cells) only, the density from all of them
-    # (NeRFField; 0 or >= n_levels: every level): the albedo's grain halves, the shape keeps its edges. Against every
-    # level (benchmarks/results/quality-albedo3, seed 0 of every single, fronted and two-object prompt):
-    # speckle 0.59x / 0.69x / 0.52x, IoU 0.787 -> 0.784 / 0.851 -> 0.842 / 0.912 -> 0.897, colour the same.
+    # (NeRFField; 0 or >= n_levels: every level): less grain in the colours, the shape keeps its edges.
+    # Against every level (benchmarks/results/quality-albedo3, seed 0 of every single, fronted and
+    # two-object prompt): speckle 0.59x / 0.69x / 0.52x, IoU 0.787 -> 0.784 / 0.851 -> 0.842 /
+    # 0.912 -> 0.897, colour error the same.
     albedo_levels: int = 3
     encoding_backend: str = "auto"  # "auto" (tcnn on CUDA, the fused C++ op on CPU), "cpp", "torch" or "tcnn"
     device: str = "auto"  # where the field trains: "auto" (CUDA when there, but the oracle is CPU-only), "cpu", "cuda"
