@@ -29,9 +29,8 @@ from sds3d.threads import configure_openmp
 configure_openmp()
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
-from sds3d.config import ADDED_FIELDS, make_config  # noqa: E402
+from sds3d.config import GenerateConfig, make_config  # noqa: E402
 from sds3d.io import atomic_write_text  # noqa: E402
 from sds3d.pipelines.text_to_3d import generate  # noqa: E402
 from sds3d.precision import read_cpuinfo  # noqa: E402
@@ -105,10 +104,9 @@ def main(argv=None) -> int:
         summary[variant] = {k: mean(r[k] for r in mine) for k in SCORES}
     reference = summary["cpu-fast"]["train_seconds"]
     # what cpu-fast was when its runs were made (the preset's defaults change; reused runs keep theirs)
-    saved = yaml.safe_load((Path(next(r["run"] for r in rows if r["variant"] == "cpu-fast")) / "config.yaml").read_text())
-    saved = {**ADDED_FIELDS, **saved}  # a run saved before a field existed was made with its value of the time
-    grid = ", ".join(f"{key} {saved[key]}" for key in ("steps", "n_levels", "max_resolution", "albedo_levels",
-                                                       "render_resolution"))
+    saved = GenerateConfig.load(Path(next(r["run"] for r in rows if r["variant"] == "cpu-fast")) / "config.yaml")
+    grid = ", ".join(f"{key} {getattr(saved, key)}" for key in ("steps", "n_levels", "max_resolution", "albedo_levels",
+                                                                "render_resolution"))
     command = "python benchmarks/generate_speed.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     cpu, _ = read_cpuinfo()
     machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}"

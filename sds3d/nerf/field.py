@@ -17,9 +17,9 @@ function and gradients: as torch ops each step streams the (H, N) activations th
 twenty times); `fused_mlp=False` keeps the torch ops, the reference it is tested against.
 
 With `albedo_levels` = k (0 < k < the grid's levels; 0 or more levels mean all of them) the albedo
-depends on the k coarsest levels only, the density on all of them: the last half of every hidden layer's units ("colour units") read
-only the coarse levels' features (and, deeper, only colour units), and the albedo logits read only
-colour units. It is a mask on the weights, so it costs nothing. Why: a level finer than the pixels
+depends on the k coarsest levels only, the density on all of them: the last half of every hidden
+layer's units ("colour units") read only the coarse levels' features (and, deeper, only colour
+units), and the albedo logits read only colour units. It is a mask on the weights, so it costs nothing. Why: a level finer than the pixels
 the teacher sees gets no consistent colour signal, and SDS noise walks its albedo at random, which
 shows as grain in the texture; the shape still needs those levels for its edges.
 
@@ -131,10 +131,10 @@ class _FeatureMajorLinear(torch.autograd.Function):
         return grad_h, grad_weight, grad_bias
 
 
-def linear_feature_major(layer: nn.Linear, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def linear_feature_major(layer: nn.Linear, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """`layer` on feature-major h (in, N) -> (out, N), one GEMM, thread-count-invariant gradients;
-    with `mask` (out, in) of 0 and 1 the weight is `layer.weight * mask` (the masked entries get no gradient)."""
-    return _FeatureMajorLinear.apply(h, layer.weight if mask is None else layer.weight * mask, layer.bias)
+    `weight` replaces `layer.weight` (the field's masked weights, `NeRFField._weight`)."""
+    return _FeatureMajorLinear.apply(h, layer.weight if weight is None else weight, layer.bias)
 
 
 def albedo_masks(dims: list[int], coarse_features: int) -> list[torch.Tensor]:
@@ -204,14 +204,18 @@ class NeRFField(nn.Module):
             for i, mask in enumerate(albedo_masks(dims, coarse)):
                 self.register_buffer(f"mask_{i}", mask, persistent=False)
 
-    def _mask(self, i: int) -> torch.Tensor | None:
-        """The weight mask of hidden layer i (i = len(hidden): the head), or None without albedo_levels."""
-        return getattr(self, f"mask_{i}") if self.masked else None
+    def _layer(self, i: int) -> nn.Linear:
+        """Hidden layer i, or the head for i = len(hidden)."""
+        return self.head if i == len(self.hidden) else self.hidden[i]
 
     def _weight(self, i: int) -> torch.Tensor:
-        """The weight of hidden layer i (the head for i = len(hidden)) as the field uses it, masked."""
-        layer = self.head if i == len(self.hidden) else self.hidden[i]
-        return layer.weight if not self.masked else layer.weight * self._mask(i)
+        """The weight of `_layer(i)` as the field uses it: masked with `albedo_levels`."""
+        weight = self._layer(i).weight
+        return weight * getattr(self, f"mask_{i}") if self.masked else weight
+
+    def _linear(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """`_layer(i)` with its `_weight` on feature-major h (in, N) -> (out, N)."""
+        return linear_feature_major(self._layer(i), h, self._weight(i))
 
     def to_unit(self, x: torch.Tensor) -> torch.Tensor:
         """World points in the box -> [0, 1]^3 for the encoding."""
@@ -302,12 +306,12 @@ class NeRFField(nn.Module):
                                                  self.head.bias)
             return self._outputs(x, out, None if grad_u is None else grad_u.t().contiguous())  # rows: fast norms
         active = []  # ReLU derivatives (H, N), for the normals
-        for i, layer in enumerate(self.hidden):
-            pre = linear_feature_major(layer, h, self._mask(i))  # (H, N)
+        for i in range(len(self.hidden)):
+            pre = self._linear(i, h)  # (H, N)
             h = F.relu(pre)
             if j is not None:
                 active.append((pre > 0).to(pre.dtype))
-        out = linear_feature_major(self.head, h, self._mask(len(self.hidden)))  # (4, N)
+        out = self._linear(len(self.hidden), h)  # (4, N)
         grad_u = None
         if with_normals:
             # d logit / d features in reverse mode: one (in, H) GEMM per layer, g <- W^T (g * relu'),
@@ -344,9 +348,9 @@ class NeRFField(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """(4, N): density logit (blob included) and albedo logits, without normals."""
         h = self.encoding(self.to_unit(x)).t()  # (D, N)
-        for i, layer in enumerate(self.hidden):
-            h = F.relu(linear_feature_major(layer, h, self._mask(i)))
-        out = linear_feature_major(self.head, h, self._mask(len(self.hidden)))
+        for i in range(len(self.hidden)):
+            h = F.relu(self._linear(i, h))
+        out = self._linear(len(self.hidden), h)
         return torch.cat([(out[0] + self.blob(x))[None], out[1:]])
 
     def _forward_finite_difference(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -298,6 +298,9 @@ def field_mlp(feats: torch.Tensor, jacs: torch.Tensor | None, w1: torch.Tensor, 
 
 
 def supports_mlp(feats: torch.Tensor, hidden_dim: int) -> bool:
-    """Whether `field_mlp` applies: float32 CPU features, widths within the kernels' limits."""
-    return (feats.device.type == "cpu" and feats.dtype == torch.float32 and 1 <= feats.shape[-1] <= 64
-            and 1 <= hidden_dim <= 128)
+    """Whether `field_mlp` applies: float32 CPU features (N, D), widths within the kernels' limits
+    (builds the extension if this process has not yet)."""
+    if feats.device.type != "cpu" or feats.dtype != torch.float32:
+        return False
+    module = load()
+    return 1 <= feats.shape[-1] <= module.mlp_max_features and 1 <= hidden_dim <= module.mlp_max_hidden

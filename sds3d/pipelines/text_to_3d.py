@@ -236,7 +236,8 @@ def make_field(config: GenerateConfig, device: torch.device | str = "cpu",
     device = torch.device(device)
     return NeRFField(device=device, n_levels=config.n_levels, log2_hashmap_size=config.log2_hashmap_size,
                      base_resolution=config.base_resolution, max_resolution=config.max_resolution,
-                     hidden_dim=config.hidden_dim, albedo_levels=config.albedo_levels, blob_density=config.blob_density, blob_radius=config.blob_radius,
+                     hidden_dim=config.hidden_dim, albedo_levels=config.albedo_levels,
+                     blob_density=config.blob_density, blob_radius=config.blob_radius,
                      backend=config.encoding_backend, regions=region_tensors(layout) if layout else None).to(device)
 
 

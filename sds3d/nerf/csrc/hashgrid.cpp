@@ -199,6 +199,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mlp_backward", &mlp_backward, "the field MLP's input and weight gradients", py::arg("feats"),
         py::arg("jacs"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("grad_out"), py::arg("grad_grad_u"),
         py::call_guard<py::gil_scoped_release>());
+  m.attr("mlp_max_features") = sds3d_mlp::MAX_FEATURES;  // supports_mlp's bounds, from the kernels' header
+  m.attr("mlp_max_hidden") = sds3d_mlp::MAX_HIDDEN;
   m.def("openmp_threads", &sds3d_hashgrid::openmp_threads,
         "threads an OpenMP region would use (0: built without OpenMP)");
 }

@@ -54,9 +54,9 @@ struct Shape {
 
 // One thread's pass buffers, (rows, P) each; points past the end of the data are zeros.
 struct Scratch {
-  std::vector<float> f, j, pre, act, mask, gf, dgf, dout, dgu, dpre, row;
+  std::vector<float> f, j, act, mask, gf, dgf, dout, dgu, dpre, row;
   Scratch(const Shape& s)
-      : f(s.D * P), j(s.D * 3 * P), pre(s.H * P), act(s.H * P), mask(s.H * P), gf(s.D * P), dgf(s.D * P),
+      : f(s.D * P), j(s.D * 3 * P), act(s.H * P), mask(s.H * P), gf(s.D * P), dgf(s.D * P),
         dout(O * P), dgu(3 * P), dpre(s.H * P), row(P) {}
 };
 
@@ -68,28 +68,22 @@ SDS3D_INLINE void load(const float* src, int64_t rows, int64_t N, int64_t begin,
   }
 }
 
-SDS3D_INLINE void store(const float* src, int64_t rows, int64_t N, int64_t begin, int64_t m, float* dst) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * N + begin, src + r * P, sizeof(float) * m);
-}
-
-// pre = w1 f + b1, act = relu(pre), mask = relu'(pre) (1 where pre > 0).
+// act = relu(pre), mask = relu'(pre) (1 where pre > 0), with pre = w1 f + b1.
 SDS3D_INLINE void hidden_layer(const Shape& s, const float* __restrict w1, const float* __restrict b1, Scratch& t) {
   for (int64_t h = 0; h < s.H; ++h) {
-    float* __restrict ph = t.pre.data() + h * P;
-    float acc[P];  // in registers across the sum (P floats: 8 AVX2 or 4 AVX-512 registers)
+    float pre[P];  // in registers across the sum (P floats: 8 AVX2 or 4 AVX-512 registers)
     const float bias = b1[h];
-    for (int64_t i = 0; i < P; ++i) acc[i] = bias;
+    for (int64_t i = 0; i < P; ++i) pre[i] = bias;
     for (int64_t d = 0; d < s.D; ++d) {
       const float w = w1[h * s.D + d];
       const float* __restrict fd = t.f.data() + d * P;
-      for (int64_t i = 0; i < P; ++i) acc[i] += w * fd[i];
+      for (int64_t i = 0; i < P; ++i) pre[i] += w * fd[i];
     }
-    for (int64_t i = 0; i < P; ++i) ph[i] = acc[i];
     float* __restrict ah = t.act.data() + h * P;
     float* __restrict mh = t.mask.data() + h * P;
     for (int64_t i = 0; i < P; ++i) {
-      ah[i] = ph[i] > 0.f ? ph[i] : 0.f;
-      mh[i] = ph[i] > 0.f ? 1.f : 0.f;
+      ah[i] = pre[i] > 0.f ? pre[i] : 0.f;
+      mh[i] = pre[i] > 0.f ? 1.f : 0.f;
     }
   }
 }
