@@ -8,7 +8,9 @@ field (e.g. the last checkpoint of `sds3d generate "a red cube"`), which is what
 `--compare-fused-mlp` alternates the steps between the fused CPU field network
 (csrc/mlp_kernels.cpp) and the same network in torch ops (`NeRFField(fused_mlp=False)`), so that
 both see the same machine state (a shared machine's speed drifts by 2-3x over minutes), and
-prints both with their ratio; `--out` saves the lines as a markdown file.
+prints both with their ratio. `--compare-fused-sampler` does the same for the renderer's samples
+(csrc/sampling_kernels.cpp against `render_rays(fused_sampling=False)`). `--out` saves the lines
+as a markdown file.
 """
 
 import argparse
@@ -45,6 +47,8 @@ def main():
                         help="config overrides, e.g. early_stop_eps=0 num_samples=32 (YAML values)")
     parser.add_argument("--compare-fused-mlp", action="store_true",
                         help="alternate steps between the fused field network and its torch ops")
+    parser.add_argument("--compare-fused-sampler", action="store_true",
+                        help="alternate steps between the fused ray sampler and its torch ops")
     parser.add_argument("--out", default=None, help="also write the lines to this markdown file")
     args = parser.parse_args()
     lines = []
@@ -66,17 +70,22 @@ def main():
         if hasattr(teacher, "unconditional_data"):  # the oracle builds its image banks up front
             teacher.unconditional_data()
         g = torch.Generator().manual_seed(0)
-        variants = ("fused", "torch") if args.compare_fused_mlp else ("default",)
+        compare = args.compare_fused_mlp or args.compare_fused_sampler
+        if args.compare_fused_mlp and args.compare_fused_sampler:
+            parser.error("compare one thing at a time: --compare-fused-mlp or --compare-fused-sampler")
+        variants = ("fused", "torch") if compare else ("default",)
         times = {v: {"render": [], "teacher": [], "backward": [], "total": []} for v in variants}
         for step in range(len(variants) * (args.steps + 3)):
             variant = variants[step % len(variants)]
             if args.compare_fused_mlp:
                 field.fused_mlp = variant == "fused"
+            fused_sampling = not (args.compare_fused_sampler and variant == "torch")
             t0 = time.perf_counter()
             cams = sample_cameras(cfg.batch_size, resolution, cfg.elevation_range, cfg.azimuth_range,
                                   cfg.distance_range, cfg.fovy_range, generator=g)
             out = render_image(field, cams, occupancy=occupancy, num_samples=cfg.num_samples, shading=args.shading,
-                               generator=g, early_stop_eps=cfg.early_stop_eps, need_normals=args.shading != "albedo" or cfg.lambda_orientation > 0)
+                               generator=g, early_stop_eps=cfg.early_stop_eps, fused_sampling=fused_sampling,
+                               need_normals=args.shading != "albedo" or cfg.lambda_orientation > 0)
             t1 = time.perf_counter()
             cond = teacher.encode_prompt([prompts[v] for v in view_names(cams)])
             loss = sds_loss(teacher, out["rgb"], cond, cfg.guidance_scale, cfg.t_min, cfg.t_max, g).loss
@@ -93,18 +102,19 @@ def main():
         medians = {}
         for variant in variants:
             medians[variant] = {k: sorted(v)[len(v) // 2] for k, v in times[variant].items()}
-            network = "" if variant == "default" else f", network {variant}"
+            part = "network" if args.compare_fused_mlp else "sampler"
+            network = "" if variant == "default" else f", {part} {variant}"
             lines.append(f"{resolution}x{resolution} batch {cfg.batch_size} {args.shading} {field.encoding.backend}{network}: "
                          + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in medians[variant].items()))
             print(lines[-1], flush=True)
-        if args.compare_fused_mlp:
+        if compare:
             lines.append("fused / torch: " + "  ".join(f"{k} {medians['fused'][k] / medians['torch'][k]:.2f}x"
                                                        for k in medians["fused"]))
             print(lines[-1], flush=True)
     if args.out:
         cpu, _ = read_cpuinfo()
         command = "python benchmarks/step.py " + shlex.join(sys.argv[1:])
-        text = [f"# Seconds per SDS step (median of {args.steps} steps{' each' if args.compare_fused_mlp else ''})", "",
+        text = [f"# Seconds per SDS step (median of {args.steps} steps{' each' if compare else ''})", "",
                 f"`{command}` on {cpu} ({cpu_capability()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
                 f"python {platform.python_version()}.", "", "```", *lines, "```", ""]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

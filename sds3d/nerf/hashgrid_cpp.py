@@ -13,6 +13,8 @@ needs no torch in a build-isolated environment.
 
 `field_mlp` is the field's one-hidden-layer network on those features, with its density logit's
 gradient for the normals, fused (csrc/mlp_kernels.h); `NeRFField` uses it with this grid.
+`occupied_samples` is the renderer's ray sampler with the occupancy grid's test, fused
+(csrc/sampling_kernels.h); `render_rays` uses it for a field on this grid.
 
 `encode` is the op: features (L, F, N) and optionally Jacobians (L, F, 3, N), in the planar layout
 of `sds3d.nerf.encoding.hash_grid_encode`, differentiable w.r.t. the table (through both outputs),
@@ -37,7 +39,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "hashgrid.cpp", CSRC / "hashgrid_kernels.cpp", CSRC / "mlp_kernels.cpp")  # bindings; kernels
+SOURCES = (CSRC / "hashgrid.cpp", CSRC / "hashgrid_kernels.cpp", CSRC / "mlp_kernels.cpp",  # bindings; kernels
+           CSRC / "sampling_kernels.cpp")
 NAME = "sds3d_hashgrid"
 # -ffp-contract=off: no fused multiply-adds, so that the arithmetic (and the result, bit for bit
 # in the forward) is that of the torch encoder's separate elementwise ops. -fno-trapping-math (as
@@ -304,3 +307,16 @@ def supports_mlp(feats: torch.Tensor, hidden_dim: int) -> bool:
         return False
     module = load()
     return 1 <= feats.shape[-1] <= module.mlp_max_features and 1 <= hidden_dim <= module.mlp_max_hidden
+
+
+def occupied_samples(origins: torch.Tensor, dirs: torch.Tensor, u: torch.Tensor | None, lin: torch.Tensor,
+                     box_radius: float, mask: torch.Tensor, grid_radius: float,
+                     cell_size: float) -> tuple[torch.Tensor, ...]:
+    """`sds3d.nerf.render.occupied_samples` fused (csrc/sampling_kernels.h), with the same float32
+    operations in the same order: (index, t_starts, t_ends, t, positions) of the samples of rays
+    (R, 3) on their chords through the box that fall in occupied cells of `mask` (res, res, res),
+    the grid over [-grid_radius, grid_radius]^3. u (R, S) are the offsets in the intervals (None:
+    midpoints), lin (S + 1,) torch.linspace(0, 1, S + 1). Not differentiable (no graph to the rays)."""
+    return tuple(load().occupied_samples(origins.detach().contiguous(), dirs.detach().contiguous(),
+                                         origins.new_empty(0) if u is None else u.contiguous(), lin.contiguous(),
+                                         float(box_radius), mask.contiguous(), float(grid_radius), float(cell_size)))

@@ -3,10 +3,11 @@ nerfacc compositing, albedo / lambertian / textureless shading. The occupancy gr
 `occupancy.py`; the losses on these renders live with the loop that uses them
 (`sds3d.pipelines.regularizers`).
 
-Samples are kept in a dense (rays, samples) layout because nerfacc's batched functions are the ones
-that run on CPU (its packed functions and estimators want CUDA). Empty space still costs nothing
-in the field: samples in unoccupied cells are dropped before the field is evaluated, and the field
-is run on the kept samples only; their outputs are scattered back with density 0 elsewhere.
+Samples are indexed in a dense (rays, samples) layout because nerfacc's batched functions are the
+ones that run on CPU (its packed functions and estimators want CUDA). Empty space still costs
+nothing in the field: `occupied_samples` drops the samples in unoccupied cells before the field is
+evaluated (on the CPU with a C++ op that writes only the kept ones), the field runs on the kept
+samples only, and compositing sees each ray's kept samples in a compact (rays, widest ray) layout.
 
 On CUDA (a field on a GPU and nerfacc's CUDA extension usable; see `sds3d.nerf.backends`), the
 pipeline holds a `CudaOccupancy` (nerfacc's `OccGridEstimator` behind `OccupancyGrid`'s interface)
@@ -53,6 +54,48 @@ def stratified_samples(origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
     return t_starts, t_ends, t_starts + u * (t_ends - t_starts), hit
 
 
+def occupied_samples(origins: torch.Tensor, dirs: torch.Tensor, num_samples: int, radius: float,
+                     occupancy: OccupancyGrid | None = None, stratified: bool = True,
+                     generator: torch.Generator | None = None, fused: bool = False) -> tuple[torch.Tensor, ...]:
+    """The samples of `stratified_samples` that can hold density: on rays that hit the box and, given
+    an occupancy grid, in its occupied cells. Returns index (N,), their positions in the dense
+    (rays, samples) layout in row-major order, and their t_starts, t_ends, t (N,) and points (N, 3).
+
+    fused: the C++ op (`hashgrid_cpp.occupied_samples`) instead of these torch ops, for an
+    `OccupancyGrid` on the CPU. It draws the same offsets from `generator` and computes the same
+    float32 operations in the same order, so the samples are bit-identical (tests/test_render.py);
+    it writes only the kept samples (about a tenth) where the torch ops pass over all of them a
+    dozen times.
+    """
+    if fused:
+        from . import hashgrid_cpp
+
+        u = None
+        if stratified:
+            u = torch.rand((origins.shape[0], num_samples), generator=generator)
+        lin = torch.linspace(0.0, 1.0, num_samples + 1)
+        return hashgrid_cpp.occupied_samples(origins, dirs, u, lin, radius, occupancy.mask, occupancy.radius,
+                                             occupancy.cell_size)
+    t_starts, t_ends, t, hit = stratified_samples(origins, dirs, num_samples, radius, stratified, generator)
+    positions = origins[:, None, :] + dirs[:, None, :] * t[..., None]  # (R, S, 3)
+    keep = hit[:, None].expand(origins.shape[0], num_samples)
+    if occupancy is not None:
+        keep = keep & occupancy.occupied(positions)
+    index = keep.reshape(-1).nonzero().squeeze(1)
+    return (index, t_starts.reshape(-1)[index], t_ends.reshape(-1)[index], t.reshape(-1)[index],
+            positions.reshape(-1, 3)[index])
+
+
+def _fused_sampling(field, origins: torch.Tensor, dirs: torch.Tensor, occupancy) -> bool:
+    """Whether `occupied_samples` runs fused: a field on the fused CPU hash grid (backend "cpp"; the
+    "torch" backend keeps every op in torch), float32 CPU rays without a gradient, an `OccupancyGrid`."""
+    encoding = getattr(field, "encoding", None)
+    return (getattr(encoding, "backend", None) == "cpp" and isinstance(occupancy, OccupancyGrid)
+            and origins.device.type == "cpu" and origins.dtype == torch.float32 and dirs.dtype == torch.float32
+            and occupancy.mask.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (origins.requires_grad or dirs.requires_grad)))
+
+
 def _scatter(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """Dense (size, ...) tensor with `values` at `index` and zeros elsewhere (differentiable)."""
     return values.new_zeros((size,) + values.shape[1:]).index_copy(0, index, values)
@@ -67,7 +110,8 @@ def transmittance_before(sigmas: torch.Tensor, t_starts: torch.Tensor, t_ends: t
 def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: int = 64,
                 occupancy: OccupancyGrid | None = None, shading: str = "albedo", light: torch.Tensor | None = None,
                 background=1.0, generator: torch.Generator | None = None, stratified: bool = True,
-                need_normals: bool = False, ambient: float = 0.5, early_stop_eps: float = 0.0) -> dict[str, torch.Tensor]:
+                need_normals: bool = False, ambient: float = 0.5, early_stop_eps: float = 0.0,
+                fused_sampling: bool = True) -> dict[str, torch.Tensor]:
     """Volume-render rays (R, 3) through `field` (radius from `field.radius`).
 
     shading: "albedo" (colour = albedo), "lambertian" (albedo * (ambient + (1 - ambient) n.l)),
@@ -82,20 +126,17 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
     Such a sample changes the colour and every gradient by at most T, so the image moves by less
     than eps per ray, while the samples hidden behind an opaque surface, often most of them, cost
     nothing.
+
+    fused_sampling: `occupied_samples` runs its C++ op (the same samples, bit for bit) where
+    `_fused_sampling` says it applies (a field on the fused CPU grid); False keeps the torch ops.
     """
     if shading not in SHADINGS:
         raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
     with_normals = need_normals or shading != "albedo"
     n_rays = origins.shape[0]
-    radius = getattr(field, "radius", 1.0)
-    t_starts, t_ends, t, hit = stratified_samples(origins, dirs, num_samples, radius, stratified, generator)
-    positions = origins[:, None, :] + dirs[:, None, :] * t[..., None]  # (R, S, 3)
-
-    keep = hit[:, None].expand(n_rays, num_samples)
-    if occupancy is not None:
-        keep = keep & occupancy.occupied(positions)
-    index = keep.reshape(-1).nonzero().squeeze(1)
-    flat_starts, flat_ends = t_starts.reshape(-1), t_ends.reshape(-1)
+    fused = fused_sampling and _fused_sampling(field, origins, dirs, occupancy)
+    index, starts, ends, t, points = occupied_samples(origins, dirs, num_samples, getattr(field, "radius", 1.0),
+                                                      occupancy, stratified, generator, fused)
     # On a GPU the compact layout is num_samples wide (a bound known on the host) instead of the
     # widest ray's count, whose read-back would stall the device twice a render; on the CPU the
     # exact width is the cheaper layout (and the read costs nothing).
@@ -103,13 +144,13 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
     if early_stop_eps > 0 and index.numel() > 0:
         with torch.no_grad():
             rays, slot, width = compact_samples(index, num_samples, width_bound)
-            sigmas = _gather_compact(field.density(positions.reshape(-1, 3)[index]), slot, len(rays), width)
-            starts = _gather_compact(flat_starts[index], slot, len(rays), width)
-            ends = _gather_compact(flat_ends[index], slot, len(rays), width)
-            visible = transmittance_before(sigmas, starts, ends).reshape(-1)[slot] > early_stop_eps
-            index = index[visible]
+            sigmas = _gather_compact(field.density(points), slot, len(rays), width)
+            transmittance = transmittance_before(sigmas, _gather_compact(starts, slot, len(rays), width),
+                                                 _gather_compact(ends, slot, len(rays), width))
+            visible = transmittance.reshape(-1)[slot] > early_stop_eps
+            index, starts, ends, t, points = index[visible], starts[visible], ends[visible], t[visible], points[visible]
     # The field runs on kept samples only (even none: the graph to its parameters stays intact).
-    out = field(positions.reshape(-1, 3)[index], with_normals=with_normals)
+    out = field(points, with_normals=with_normals)
 
     if shading == "albedo":
         colors = out["albedo"]
@@ -130,11 +171,10 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
     def to_all_rays(values):  # (m, C) -> (R, C), zeros for rays without samples
         return values.new_zeros((n_rays,) + values.shape[1:]).index_copy(0, rays, values)
 
-    weights, _, _ = render_weight_from_density(compact(flat_starts[index]), compact(flat_ends[index]),
-                                               compact(out["density"]))
+    weights, _, _ = render_weight_from_density(compact(starts), compact(ends), compact(out["density"]))
     opacity = accumulate_along_rays(weights, None)
     rgb = to_all_rays(accumulate_along_rays(weights, compact(colors)))
-    t_mid = compact(t.reshape(-1)[index])
+    t_mid = compact(t)
     depth = accumulate_along_rays(weights, t_mid[..., None])
     background = torch.as_tensor(background, dtype=rgb.dtype, device=rgb.device)
     result = {
@@ -280,6 +320,8 @@ def render_image(field, camera: Camera, chunk: int | None = None, light: torch.T
 
     packed = getattr(kwargs.get("occupancy"), "packed", False) and device.type == "cuda"
     render = render_rays_packed if packed else render_rays
+    if packed:
+        kwargs.pop("fused_sampling", None)  # nerfacc's estimator samples there
     chunk = chunk or origins.shape[0]
     parts = []
     for start in range(0, origins.shape[0], chunk):

@@ -1,4 +1,4 @@
-// Attributes shared by the CPU kernels (hashgrid_kernels.cpp, mlp_kernels.cpp).
+// Attributes shared by the CPU kernels (hashgrid_kernels.cpp, mlp_kernels.cpp, sampling_kernels.cpp).
 #pragma once
 
 // Wider vector units where the CPU has them, picked when the library is loaded (GCC's

@@ -26,8 +26,9 @@
 // Compiled without OpenMP the pragmas are ignored and both run on one thread.
 //
 // This file: argument checks, allocation and the Python bindings. The kernels are in
-// hashgrid_kernels.cpp and, for the field's MLP that follows the grid, mlp_kernels.cpp (no torch
-// headers: the files compile in parallel).
+// hashgrid_kernels.cpp, mlp_kernels.cpp for the field's MLP that follows the grid, and
+// sampling_kernels.cpp for the renderer's samples that precede it (no torch headers: the files
+// compile in parallel).
 
 // Lighter than <torch/extension.h> (the whole C++ frontend), which would double the build time.
 #include <ATen/ops/empty.h>
@@ -35,6 +36,7 @@
 
 #include "hashgrid_kernels.h"
 #include "mlp_kernels.h"
+#include "sampling_kernels.h"
 
 #include <cstdint>
 #include <optional>
@@ -184,10 +186,53 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& feats, const at::Tensor& 
   return {grad_feats, grad_jacs, grad_w1, grad_b1, grad_w2, grad_b2};
 }
 
+// Returns (index (N,) int64, t_starts, t_ends, t (N,), positions (N, 3)): see sampling_kernels.h.
+std::vector<at::Tensor> occupied_samples(const at::Tensor& origins, const at::Tensor& dirs, const at::Tensor& u,
+                                         const at::Tensor& lin, double box_radius, const at::Tensor& mask,
+                                         double grid_radius, double cell_size) {
+  auto is_cpu_float = [](const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
+  };
+  TORCH_CHECK(is_cpu_float(origins) && is_cpu_float(dirs) && origins.dim() == 2 && origins.size(1) == 3 &&
+                  dirs.sizes() == origins.sizes(),
+              "occupied_samples: origins and dirs must be contiguous float32 (R, 3) on the CPU");
+  TORCH_CHECK(is_cpu_float(lin) && lin.dim() == 1 && lin.size(0) >= 2,
+              "occupied_samples: lin must be a contiguous float32 (S + 1,) with S >= 1");
+  const int64_t R = origins.size(0), S = lin.size(0) - 1;
+  const bool midpoints = u.dim() == 1 && u.numel() == 0;  // a 1-d empty tensor: the intervals' midpoints
+  TORCH_CHECK(midpoints || (is_cpu_float(u) && u.dim() == 2 && u.size(0) == R && u.size(1) == S),
+              "occupied_samples: u must be a contiguous float32 (R, S) or empty");
+  TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.dim() == 3 &&
+                  mask.size(0) == mask.size(1) && mask.size(1) == mask.size(2) && mask.size(0) >= 1,
+              "occupied_samples: mask must be a contiguous bool (res, res, res) on the CPU");
+  const sds3d_sampling::Rays rays{origins.data_ptr<float>(), dirs.data_ptr<float>(),
+                                  midpoints ? nullptr : u.data_ptr<float>(), lin.data_ptr<float>(), R, S,
+                                  float(box_radius)};
+  const sds3d_sampling::Grid grid{mask.data_ptr<bool>(), mask.size(0), float(grid_radius), float(cell_size)};
+  at::Tensor offsets = at::empty({R + 1}, origins.options().dtype(at::kLong));
+  at::Tensor keep = at::empty({R, S}, origins.options().dtype(at::kByte));
+  int64_t* off = offsets.data_ptr<int64_t>();
+  sds3d_sampling::count_kept(rays, grid, keep.data_ptr<uint8_t>(), off);
+  int64_t N = 0;
+  for (int64_t r = 0; r < R; ++r) {  // counts -> exclusive prefix sums
+    const int64_t count = off[r];
+    off[r] = N;
+    N += count;
+  }
+  off[R] = N;
+  auto opts = origins.options();
+  at::Tensor index = at::empty({N}, opts.dtype(at::kLong));
+  at::Tensor t_starts = at::empty({N}, opts), t_ends = at::empty({N}, opts), t = at::empty({N}, opts);
+  at::Tensor positions = at::empty({N, 3}, opts);
+  sds3d_sampling::write_kept(rays, keep.data_ptr<uint8_t>(), off, index.data_ptr<int64_t>(), t_starts.data_ptr<float>(),
+                             t_ends.data_ptr<float>(), t.data_ptr<float>(), positions.data_ptr<float>());
+  return {index, t_starts, t_ends, t, positions};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sds3d fused CPU hash grid (forward, Jacobian, table backward) and field MLP";
+  m.doc() = "sds3d fused CPU hash grid (forward, Jacobian, table backward), field MLP and ray sampler";
   m.def("forward", &hashgrid_forward, "features (L, F, N) and Jacobian (L, F, 3, N)", py::arg("x"), py::arg("table"),
         py::arg("scales"), py::arg("layout"), py::arg("with_jacobian"), py::call_guard<py::gil_scoped_release>());
   m.def("backward", &hashgrid_backward, "table gradient (L, T, F)", py::arg("x"), py::arg("scales"),
@@ -199,6 +244,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mlp_backward", &mlp_backward, "the field MLP's input and weight gradients", py::arg("feats"),
         py::arg("jacs"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("grad_out"), py::arg("grad_grad_u"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("occupied_samples", &occupied_samples, "stratified samples of rays kept by an occupancy grid",
+        py::arg("origins"), py::arg("dirs"), py::arg("u"), py::arg("lin"), py::arg("box_radius"), py::arg("mask"),
+        py::arg("grid_radius"), py::arg("cell_size"), py::call_guard<py::gil_scoped_release>());
   m.attr("mlp_max_features") = sds3d_mlp::MAX_FEATURES;  // supports_mlp's bounds, from the kernels' header
   m.attr("mlp_max_hidden") = sds3d_mlp::MAX_HIDDEN;
   m.def("openmp_threads", &sds3d_hashgrid::openmp_threads,
