@@ -41,6 +41,7 @@ RUNS = Path("outputs") / "generate_speed"
 # name -> settings changed from cpu-fast (800 steps, 64 px renders, 48 samples a ray, batch 2)
 VARIANTS: dict[str, dict] = {
     "cpu-fast": {},
+    "700 steps": {"steps": 700},
     "600 steps": {"steps": 600},
     "500 steps": {"steps": 500},
     "coarse 32 px first half": {"coarse_resolution": 32},
