@@ -63,7 +63,7 @@ def occupied_samples(origins: torch.Tensor, dirs: torch.Tensor, num_samples: int
 
     fused: the C++ op (`hashgrid_cpp.occupied_samples`) instead of these torch ops, for an
     `OccupancyGrid` on the CPU. It draws the same offsets from `generator` and computes the same
-    float32 operations in the same order, so the samples are bit-identical (tests/test_render.py);
+    float32 operations in the same order, so the samples are bit-identical (tests/test_hashgrid_cpp.py);
     it writes only the kept samples (about a tenth) where the torch ops pass over all of them a
     dozen times.
     """
@@ -88,11 +88,12 @@ def occupied_samples(origins: torch.Tensor, dirs: torch.Tensor, num_samples: int
 
 def _fused_sampling(field, origins: torch.Tensor, dirs: torch.Tensor, occupancy) -> bool:
     """Whether `occupied_samples` runs fused: a field on the fused CPU hash grid (backend "cpp"; the
-    "torch" backend keeps every op in torch), float32 CPU rays without a gradient, an `OccupancyGrid`."""
+    "torch" backend keeps every op in torch), float32 CPU rays without a gradient, an `OccupancyGrid`
+    whose cells an int32 indexes (the kernel's; at most 1290 a side)."""
     encoding = getattr(field, "encoding", None)
     return (getattr(encoding, "backend", None) == "cpp" and isinstance(occupancy, OccupancyGrid)
             and origins.device.type == "cpu" and origins.dtype == torch.float32 and dirs.dtype == torch.float32
-            and occupancy.mask.device.type == "cpu"
+            and occupancy.mask.device.type == "cpu" and occupancy.resolution ** 3 < 2 ** 31
             and not (torch.is_grad_enabled() and (origins.requires_grad or dirs.requires_grad)))
 
 

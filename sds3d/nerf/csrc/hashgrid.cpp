@@ -205,6 +205,7 @@ std::vector<at::Tensor> occupied_samples(const at::Tensor& origins, const at::Te
   TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.dim() == 3 &&
                   mask.size(0) == mask.size(1) && mask.size(1) == mask.size(2) && mask.size(0) >= 1,
               "occupied_samples: mask must be a contiguous bool (res, res, res) on the CPU");
+  TORCH_CHECK(mask.size(0) <= 1290, "occupied_samples: at most 1290 cells a side (int32 cell indices)");
   const sds3d_sampling::Rays rays{origins.data_ptr<float>(), dirs.data_ptr<float>(),
                                   midpoints ? nullptr : u.data_ptr<float>(), lin.data_ptr<float>(), R, S,
                                   float(box_radius)};
