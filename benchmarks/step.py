@@ -51,6 +51,9 @@ def main():
                         help="alternate steps between the fused ray sampler and its torch ops")
     parser.add_argument("--out", default=None, help="also write the lines to this markdown file")
     args = parser.parse_args()
+    if args.compare_fused_mlp and args.compare_fused_sampler:
+        parser.error("compare one thing at a time: --compare-fused-mlp or --compare-fused-sampler")
+    compare = args.compare_fused_mlp or args.compare_fused_sampler
     lines = []
     for resolution in args.resolution:
         cfg = make_config(args.preset, prompt=args.prompt, teacher=args.teacher, render_resolution=resolution,
@@ -70,9 +73,6 @@ def main():
         if hasattr(teacher, "unconditional_data"):  # the oracle builds its image banks up front
             teacher.unconditional_data()
         g = torch.Generator().manual_seed(0)
-        compare = args.compare_fused_mlp or args.compare_fused_sampler
-        if args.compare_fused_mlp and args.compare_fused_sampler:
-            parser.error("compare one thing at a time: --compare-fused-mlp or --compare-fused-sampler")
         variants = ("fused", "torch") if compare else ("default",)
         times = {v: {"render": [], "teacher": [], "backward": [], "total": []} for v in variants}
         for step in range(len(variants) * (args.steps + 3)):

@@ -58,8 +58,9 @@ def occupied_samples(origins: torch.Tensor, dirs: torch.Tensor, num_samples: int
                      occupancy: OccupancyGrid | None = None, stratified: bool = True,
                      generator: torch.Generator | None = None, fused: bool = False) -> tuple[torch.Tensor, ...]:
     """The samples of `stratified_samples` that can hold density: on rays that hit the box and, given
-    an occupancy grid, in its occupied cells. Returns index (N,), their positions in the dense
-    (rays, samples) layout in row-major order, and their t_starts, t_ends, t (N,) and points (N, 3).
+    an occupancy grid, in its occupied cells. Returns index (N,), the kept samples' flat indices in
+    the dense (rays, samples) layout in row-major order, and their t_starts, t_ends, t (N,) and
+    points (N, 3).
 
     fused: the C++ op (`hashgrid_cpp.occupied_samples`) instead of these torch ops, for an
     `OccupancyGrid` on the CPU. It draws the same offsets from `generator` and computes the same
@@ -69,6 +70,9 @@ def occupied_samples(origins: torch.Tensor, dirs: torch.Tensor, num_samples: int
     """
     if fused:
         from . import hashgrid_cpp
+
+        if not isinstance(occupancy, OccupancyGrid):
+            raise ValueError("occupied_samples(fused=True) needs an OccupancyGrid (the torch ops take none)")
 
         u = None
         if stratified:
