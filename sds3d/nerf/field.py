@@ -19,9 +19,10 @@ twenty times); `fused_mlp=False` keeps the torch ops, the reference it is tested
 With `albedo_levels` = k (0 < k < the grid's levels; 0 or more levels mean all of them) the albedo
 depends on the k coarsest levels only, the density on all of them: the last half of every hidden
 layer's units ("colour units") read only the coarse levels' features (and, deeper, only colour
-units), and the albedo logits read only colour units. It is a mask on the weights, so it costs nothing. Why: a level finer than the pixels
-the teacher sees gets no consistent colour signal, and SDS noise walks its albedo at random, which
-shows as grain in the texture; the shape still needs those levels for its edges.
+units), and the albedo logits read only colour units. It is a mask on the weights, so it costs
+nothing. Why: a level finer than the pixels the teacher sees gets no consistent colour signal, and
+SDS noise walks its albedo at random, which shows as grain in the texture; the shape still needs
+those levels for its edges.
 
 A grid with no Jacobian (the tcnn backend) gets finite-difference normals instead (threestudio's
 "finite_difference" normals): central differences of the density logit along each axis, with

@@ -41,7 +41,8 @@ SDS3D_INLINE Chord chord(const float* o, const float* d, float radius) {
   return {near, far - near, far > near};
 }
 
-// Sample j of a ray: its interval and t (the torch reference's operations, in its order).
+// Sample j of a ray: its interval and t (the torch reference's operations, in its order); both
+// passes call it.
 SDS3D_INLINE void sample(const Rays& rays, const Chord& c, const float* u, int64_t j, float& start, float& end,
                          float& t) {
   start = c.near + c.span * rays.lin[j];
@@ -68,10 +69,8 @@ SDS3D_INLINE int64_t flag_ray(const Rays& rays, const Grid& g, int64_t r, uint8_
   for (int64_t j0 = 0; j0 < S; j0 += CHUNK) {
     const int64_t m = std::min(CHUNK, S - j0);
     for (int64_t i = 0; i < m; ++i) {  // no branches: vectorized
-      const int64_t j = j0 + i;
-      const float start = c.near + c.span * rays.lin[j];
-      const float end = c.near + c.span * rays.lin[j + 1];
-      const float t = start + (HAS_U ? u[j] : 0.5f) * (end - start);
+      float start, end, t;  // as pass 2 computes them, so that it writes what this pass kept
+      sample(rays, c, u, j0 + i, start, end, t);
       const float fx = std::floor((o[0] + d[0] * t + g.radius) / g.cell);
       const float fy = std::floor((o[1] + d[1] * t + g.radius) / g.cell);
       const float fz = std::floor((o[2] + d[2] * t + g.radius) / g.cell);
