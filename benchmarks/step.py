@@ -9,8 +9,9 @@ field (e.g. the last checkpoint of `sds3d generate "a red cube"`), which is what
 (csrc/mlp_kernels.cpp) and the same network in torch ops (`NeRFField(fused_mlp=False)`), so that
 both see the same machine state (a shared machine's speed drifts by 2-3x over minutes), and
 prints both with their ratio. `--compare-fused-sampler` does the same for the renderer's samples
-(csrc/sampling_kernels.cpp against `render_rays(fused_sampling=False)`). `--out` saves the lines
-as a markdown file.
+(csrc/sampling_kernels.cpp against `render_rays(fused_sampling=False)`) and
+`--compare-fused-compositor` for its compositing (csrc/compositing_kernels.cpp against nerfacc's
+and torch's ops, `render_rays(fused_compositing=False)`). `--out` saves the lines as a markdown file.
 """
 
 import argparse
@@ -49,11 +50,17 @@ def main():
                         help="alternate steps between the fused field network and its torch ops")
     parser.add_argument("--compare-fused-sampler", action="store_true",
                         help="alternate steps between the fused ray sampler and its torch ops")
+    parser.add_argument("--compare-fused-compositor", action="store_true",
+                        help="alternate steps between the fused compositor and nerfacc's and torch's ops")
     parser.add_argument("--out", default=None, help="also write the lines to this markdown file")
     args = parser.parse_args()
-    if args.compare_fused_mlp and args.compare_fused_sampler:
-        parser.error("compare one thing at a time: --compare-fused-mlp or --compare-fused-sampler")
-    compare = args.compare_fused_mlp or args.compare_fused_sampler
+    comparisons = {"network": args.compare_fused_mlp, "sampler": args.compare_fused_sampler,
+                   "compositor": args.compare_fused_compositor}
+    if sum(comparisons.values()) > 1:
+        parser.error("compare one thing at a time: --compare-fused-mlp, --compare-fused-sampler or "
+                     "--compare-fused-compositor")
+    compare = any(comparisons.values())
+    part = next((name for name, on in comparisons.items() if on), None)
     lines = []
     for resolution in args.resolution:
         cfg = make_config(args.preset, prompt=args.prompt, teacher=args.teacher, render_resolution=resolution,
@@ -80,11 +87,13 @@ def main():
             if args.compare_fused_mlp:
                 field.fused_mlp = variant == "fused"
             fused_sampling = not (args.compare_fused_sampler and variant == "torch")
+            fused_compositing = not (args.compare_fused_compositor and variant == "torch")
             t0 = time.perf_counter()
             cams = sample_cameras(cfg.batch_size, resolution, cfg.elevation_range, cfg.azimuth_range,
                                   cfg.distance_range, cfg.fovy_range, generator=g)
             out = render_image(field, cams, occupancy=occupancy, num_samples=cfg.num_samples, shading=args.shading,
                                generator=g, early_stop_eps=cfg.early_stop_eps, fused_sampling=fused_sampling,
+                               fused_compositing=fused_compositing,
                                need_normals=args.shading != "albedo" or cfg.lambda_orientation > 0)
             t1 = time.perf_counter()
             cond = teacher.encode_prompt([prompts[v] for v in view_names(cams)])
@@ -102,7 +111,6 @@ def main():
         medians = {}
         for variant in variants:
             medians[variant] = {k: sorted(v)[len(v) // 2] for k, v in times[variant].items()}
-            part = "network" if args.compare_fused_mlp else "sampler"
             network = "" if variant == "default" else f", {part} {variant}"
             lines.append(f"{resolution}x{resolution} batch {cfg.batch_size} {args.shading} {field.encoding.backend}{network}: "
                          + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in medians[variant].items()))

@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "hashgrid.cpp", CSRC / "hashgrid_kernels.cpp", CSRC / "mlp_kernels.cpp",  # bindings; kernels
-           CSRC / "sampling_kernels.cpp")
+           CSRC / "sampling_kernels.cpp", CSRC / "compositing_kernels.cpp")
 NAME = "sds3d_hashgrid"
 # -ffp-contract=off: no fused multiply-adds, so that the arithmetic (and the result, bit for bit
 # in the forward) is that of the torch encoder's separate elementwise ops. -fno-trapping-math (as
@@ -320,3 +320,68 @@ def occupied_samples(origins: torch.Tensor, dirs: torch.Tensor, u: torch.Tensor 
     return tuple(load().occupied_samples(origins.detach().contiguous(), dirs.detach().contiguous(),
                                          origins.new_empty(0) if u is None else u.contiguous(), lin.contiguous(),
                                          float(box_radius), mask.contiguous(), float(grid_radius), float(cell_size)))
+
+
+SHADING_CODES = {"albedo": 0, "lambertian": 1, "textureless": 2}  # csrc/compositing_kernels.h's Shading
+
+
+def ray_offsets(index: torch.Tensor, num_samples: int, n_rays: int) -> torch.Tensor:
+    """(R + 1,) int64: ray r's kept samples are offsets[r] .. offsets[r + 1] - 1, from their flat
+    indices `index` (N,) in a dense (R, S) layout, ascending (as `occupied_samples` gives them)."""
+    return load().ray_offsets(index.contiguous(), int(num_samples), int(n_rays))
+
+
+class CompositeFunction(torch.autograd.Function):
+    """(density (N,), albedo (N, 3), normal (N, 3) or None, offsets, t_starts, t_ends, t, light, dirs,
+    shading, ambient) -> rgb (R, 3), opacity, depth, z_variance (R,), albedo (R, 3), normal (R, 3),
+    backfacing (R,) (empty without normals), weights (N,): csrc/compositing_kernels.h.
+    Differentiable w.r.t. density, albedo and normal."""
+
+    @staticmethod
+    def forward(ctx, density, albedo, normal, offsets, t_starts, t_ends, t, light, dirs, shading, ambient):
+        empty = density.new_empty(0)
+        normal = empty if normal is None else normal
+        light = empty if light is None else light
+        dirs = empty if dirs is None else dirs
+        outs = load().composite_forward(offsets, t_starts, t_ends, t, density, albedo, normal, light, dirs, shading,
+                                        ambient)
+        weights, opacity, depth = outs[7], outs[1], outs[2]
+        ctx.save_for_backward(density, albedo, normal, offsets, t_starts, t_ends, t, light, dirs, weights, opacity,
+                              depth)
+        ctx.shading, ctx.ambient = shading, ambient
+        ctx.set_materialize_grads(False)
+        if normal.dim() == 1:  # none given
+            ctx.mark_non_differentiable(outs[5], outs[6])
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_rgb, g_opacity, g_depth, g_z_variance, g_albedo, g_normal, g_backfacing, g_weights):
+        density, albedo, normal, offsets, t_starts, t_ends, t, light, dirs, weights, opacity, depth = ctx.saved_tensors
+        none = (None,) * 8
+        grads = (g_rgb, g_opacity, g_depth, g_z_variance, g_albedo, g_normal, g_backfacing, g_weights)
+        if all(g is None for g in grads):
+            return (None, None, None) + none
+        grad_density, grad_albedo, grad_normal = load().composite_backward(
+            offsets, t_starts, t_ends, t, density, albedo, normal, light, dirs, ctx.shading, ctx.ambient, weights,
+            opacity, depth, *grads)
+        return (grad_density, grad_albedo, grad_normal if normal.dim() == 2 else None) + none
+
+
+def composite(offsets: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor, t: torch.Tensor,
+              density: torch.Tensor, albedo: torch.Tensor, normal: torch.Tensor | None, light: torch.Tensor | None,
+              dirs: torch.Tensor | None, shading: str, ambient: float) -> tuple[torch.Tensor, ...]:
+    """`sds3d.nerf.render.render_rays`' compositing fused (csrc/compositing_kernels.h): the kept
+    samples' weights (nerfacc's `render_weight_from_density`), their shading and the per-ray sums.
+    Ray r's samples are offsets[r] .. offsets[r + 1] - 1 (`ray_offsets`), in order along it.
+    light (R, 3) is needed for "lambertian" and "textureless", normal (N, 3) and dirs (R, 3) for the
+    normal and backfacing sums. Returns rgb (R, 3) without the background, opacity, depth,
+    z_variance (R,), albedo (R, 3), normal (R, 3) and backfacing (R,) (empty without normals) and
+    weights (N,); differentiable w.r.t. density, albedo and normal."""
+    def prepared(v):
+        return None if v is None else v.detach().to(torch.float32).contiguous()
+
+    return CompositeFunction.apply(density.contiguous(), albedo.contiguous(),
+                                   None if normal is None else normal.contiguous(), offsets.contiguous(),
+                                   prepared(t_starts), prepared(t_ends), prepared(t), prepared(light), prepared(dirs),
+                                   SHADING_CODES[shading], float(ambient))

@@ -101,6 +101,16 @@ def _fused_sampling(field, origins: torch.Tensor, dirs: torch.Tensor, occupancy)
             and not (torch.is_grad_enabled() and (origins.requires_grad or dirs.requires_grad)))
 
 
+def _fused_compositing(field, out: dict[str, torch.Tensor], rays: tuple[torch.Tensor | None, ...]) -> bool:
+    """Whether `render_rays` composites with the C++ op: a field on the fused CPU hash grid (backend
+    "cpp", as `_fused_sampling`) that gave float32 CPU outputs, and rays (origins, dirs, light) that
+    need no gradient (the op differentiates the field's outputs only)."""
+    encoding = getattr(field, "encoding", None)
+    return (getattr(encoding, "backend", None) == "cpp"
+            and all(v.device.type == "cpu" and v.dtype == torch.float32 for v in out.values())
+            and not (torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in rays)))
+
+
 def _scatter(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """Dense (size, ...) tensor with `values` at `index` and zeros elsewhere (differentiable)."""
     return values.new_zeros((size,) + values.shape[1:]).index_copy(0, index, values)
@@ -116,7 +126,7 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
                 occupancy: OccupancyGrid | None = None, shading: str = "albedo", light: torch.Tensor | None = None,
                 background=1.0, generator: torch.Generator | None = None, stratified: bool = True,
                 need_normals: bool = False, ambient: float = 0.5, early_stop_eps: float = 0.0,
-                fused_sampling: bool = True) -> dict[str, torch.Tensor]:
+                fused_sampling: bool = True, fused_compositing: bool = True) -> dict[str, torch.Tensor]:
     """Volume-render rays (R, 3) through `field` (radius from `field.radius`).
 
     shading: "albedo" (colour = albedo), "lambertian" (albedo * (ambient + (1 - ambient) n.l)),
@@ -134,6 +144,8 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
 
     fused_sampling: `occupied_samples` runs its C++ op (the same samples, bit for bit) where
     `_fused_sampling` says it applies (a field on the fused CPU grid); False keeps the torch ops.
+    fused_compositing: the same for the compositing (`hashgrid_cpp.composite`: the same function,
+    tested against these nerfacc and torch ops, which it replaces by one pass per ray).
     """
     if shading not in SHADINGS:
         raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
@@ -156,6 +168,9 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
             index, starts, ends, t, points = index[visible], starts[visible], ends[visible], t[visible], points[visible]
     # The field runs on kept samples only (even none: the graph to its parameters stays intact).
     out = field(points, with_normals=with_normals)
+    if fused_compositing and _fused_compositing(field, out, (origins, dirs, light)):
+        return _composite_fused(out, index, starts, ends, t, origins, dirs, num_samples, shading, light, background,
+                                ambient, with_normals)
 
     if shading == "albedo":
         colors = out["albedo"]
@@ -194,6 +209,36 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, num_samples: i
         normals = compact(out["normal"])
         result["normal"] = to_all_rays(accumulate_along_rays(weights, normals))
         result["backfacing"] = to_all_rays(backfacing(weights, normals, dirs[rays]))
+    return result
+
+
+def _composite_fused(out: dict[str, torch.Tensor], index: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+                     t: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor, num_samples: int, shading: str,
+                     light: torch.Tensor | None, background, ambient: float,
+                     with_normals: bool) -> dict[str, torch.Tensor]:
+    """`render_rays`' result from the field's outputs at the kept samples, composited by the C++ op."""
+    from . import hashgrid_cpp
+
+    n_rays = origins.shape[0]
+    offsets = hashgrid_cpp.ray_offsets(index, num_samples, n_rays)
+    if shading != "albedo" and light is None:
+        light = -dirs
+    rgb, opacity, depth, z_variance, albedo, normal, backfacing, weights = hashgrid_cpp.composite(
+        offsets, starts, ends, t, out["density"], out["albedo"], out["normal"] if with_normals else None,
+        light if shading != "albedo" else None, dirs if with_normals else None, shading, ambient)
+    opacity, depth, z_variance = opacity[:, None], depth[:, None], z_variance[:, None]
+    background = torch.as_tensor(background, dtype=rgb.dtype, device=rgb.device)
+    result = {
+        "rgb": rgb + (1.0 - opacity) * background,
+        "opacity": opacity,
+        "depth": depth,
+        "z_variance": z_variance,
+        "albedo": albedo,
+        "weights": _scatter(weights, index, n_rays * num_samples).view(n_rays, num_samples),
+    }
+    if with_normals:
+        result["normal"] = normal
+        result["backfacing"] = backfacing
     return result
 
 
@@ -326,7 +371,8 @@ def render_image(field, camera: Camera, chunk: int | None = None, light: torch.T
     packed = getattr(kwargs.get("occupancy"), "packed", False) and device.type == "cuda"
     render = render_rays_packed if packed else render_rays
     if packed:
-        kwargs.pop("fused_sampling", None)  # nerfacc's estimator samples there
+        kwargs.pop("fused_sampling", None)  # nerfacc's estimator samples there and its packed ops composite
+        kwargs.pop("fused_compositing", None)
     chunk = chunk or origins.shape[0]
     parts = []
     for start in range(0, origins.shape[0], chunk):

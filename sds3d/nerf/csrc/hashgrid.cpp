@@ -26,14 +26,15 @@
 // Compiled without OpenMP the pragmas are ignored and both run on one thread.
 //
 // This file: argument checks, allocation and the Python bindings. The kernels are in
-// hashgrid_kernels.cpp, mlp_kernels.cpp for the field's MLP that follows the grid, and
-// sampling_kernels.cpp for the renderer's samples that precede it (no torch headers: the files
-// compile in parallel).
+// hashgrid_kernels.cpp, mlp_kernels.cpp for the field's MLP that follows the grid,
+// sampling_kernels.cpp for the renderer's samples that precede it and compositing_kernels.cpp for
+// the compositing after it (no torch headers: the files compile in parallel).
 
 // Lighter than <torch/extension.h> (the whole C++ frontend), which would double the build time.
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "compositing_kernels.h"
 #include "hashgrid_kernels.h"
 #include "mlp_kernels.h"
 #include "sampling_kernels.h"
@@ -186,13 +187,14 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& feats, const at::Tensor& 
   return {grad_feats, grad_jacs, grad_w1, grad_b1, grad_w2, grad_b2};
 }
 
+bool is_cpu_float(const at::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
+}
+
 // Returns (index (N,) int64, t_starts, t_ends, t (N,), positions (N, 3)): see sampling_kernels.h.
 std::vector<at::Tensor> occupied_samples(const at::Tensor& origins, const at::Tensor& dirs, const at::Tensor& u,
                                          const at::Tensor& lin, double box_radius, const at::Tensor& mask,
                                          double grid_radius, double cell_size) {
-  auto is_cpu_float = [](const at::Tensor& t) {
-    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
-  };
   TORCH_CHECK(is_cpu_float(origins) && is_cpu_float(dirs) && origins.dim() == 2 && origins.size(1) == 3 &&
                   dirs.sizes() == origins.sizes(),
               "occupied_samples: origins and dirs must be contiguous float32 (R, 3) on the CPU");
@@ -230,10 +232,141 @@ std::vector<at::Tensor> occupied_samples(const at::Tensor& origins, const at::Te
   return {index, t_starts, t_ends, t, positions};
 }
 
+// The compositor's inputs, checked: ray offsets from the kept samples' flat indices `index` (N,)
+// (row-major in a dense (R, S) layout, ascending, as the sampler gives them).
+struct CompositeInputs {
+  at::Tensor offsets;
+  sds3d_compositing::Samples samples;
+};
+
+void check_rows(const at::Tensor& t, int64_t rows, int64_t cols, const char* what) {
+  TORCH_CHECK(is_cpu_float(t) && t.numel() == rows * cols && (t.dim() == 1 || (t.dim() == 2 && t.size(1) == cols)),
+              "composite: ", what, " must be contiguous float32 on the CPU, ", rows, " x ", cols);
+}
+
+CompositeInputs composite_inputs(const at::Tensor& offsets, const at::Tensor& t_starts, const at::Tensor& t_ends,
+                                 const at::Tensor& t, const at::Tensor& density, const at::Tensor& albedo,
+                                 const at::Tensor& normal, const at::Tensor& light, const at::Tensor& dirs,
+                                 int64_t shading, double ambient) {
+  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong && offsets.dim() == 1 &&
+                  offsets.size(0) >= 1 && offsets.is_contiguous(),
+              "composite: offsets must be a contiguous int64 (R + 1,) on the CPU");
+  const int64_t R = offsets.size(0) - 1, N = density.numel();
+  TORCH_CHECK(offsets.data_ptr<int64_t>()[R] == N, "composite: offsets must end at the number of samples");
+  check_rows(t_starts, N, 1, "t_starts");
+  check_rows(t_ends, N, 1, "t_ends");
+  check_rows(t, N, 1, "t");
+  check_rows(density, N, 1, "density");
+  check_rows(albedo, N, 3, "albedo");
+  TORCH_CHECK(shading >= sds3d_compositing::ALBEDO && shading <= sds3d_compositing::TEXTURELESS,
+              "composite: shading must be 0 (albedo), 1 (lambertian) or 2 (textureless)");
+  const bool normals = normal.dim() != 1;  // a 1-d empty tensor: none
+  TORCH_CHECK(normals || shading == sds3d_compositing::ALBEDO, "composite: shading needs normals");
+  if (normals) {
+    check_rows(normal, N, 3, "normal");
+    check_rows(dirs, R, 3, "dirs");
+  }
+  if (shading != sds3d_compositing::ALBEDO) check_rows(light, R, 3, "light");
+  const sds3d_compositing::Samples samples{offsets.data_ptr<int64_t>(), t_starts.data_ptr<float>(),
+                                           t_ends.data_ptr<float>(), t.data_ptr<float>(), density.data_ptr<float>(),
+                                           albedo.data_ptr<float>(), normals ? normal.data_ptr<float>() : nullptr,
+                                           shading != sds3d_compositing::ALBEDO ? light.data_ptr<float>() : nullptr,
+                                           normals ? dirs.data_ptr<float>() : nullptr, R, int(shading),
+                                           float(ambient)};
+  return {offsets, samples};
+}
+
+// Ray offsets (R + 1,) of kept samples with flat indices `index` (N,) in a dense (R, S) layout:
+// ray r's samples are offsets[r] .. offsets[r + 1] - 1. The indices must ascend (the sampler's order).
+at::Tensor ray_offsets(const at::Tensor& index, int64_t num_samples, int64_t n_rays) {
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1 && index.is_contiguous(),
+              "ray_offsets: index must be a contiguous int64 (N,) on the CPU");
+  TORCH_CHECK(num_samples >= 1 && n_rays >= 0, "ray_offsets: num_samples must be >= 1 and n_rays >= 0");
+  at::Tensor offsets = at::empty({n_rays + 1}, index.options());
+  int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const int64_t N = index.size(0);
+  int64_t i = 0;
+  for (int64_t r = 0; r <= n_rays; ++r) {
+    off[r] = i;
+    const int64_t end = (r + 1) * num_samples;  // ray r's flat indices are below this
+    while (i < N && idx[i] < end && r < n_rays) {
+      TORCH_CHECK(idx[i] >= r * num_samples && (i == 0 || idx[i] > idx[i - 1]),
+                  "ray_offsets: index must ascend strictly within [0, n_rays * num_samples)");
+      ++i;
+    }
+  }
+  TORCH_CHECK(i == N, "ray_offsets: index must ascend strictly within [0, n_rays * num_samples)");
+  return offsets;
+}
+
+// Returns (rgb (R, 3) without the background, opacity, depth, z_variance (R,), albedo (R, 3),
+// normal (R, 3) and backfacing (R,) or empty, weights (N,)): see compositing_kernels.h.
+std::vector<at::Tensor> composite_forward(const at::Tensor& offsets, const at::Tensor& t_starts,
+                                          const at::Tensor& t_ends, const at::Tensor& t, const at::Tensor& density,
+                                          const at::Tensor& albedo, const at::Tensor& normal, const at::Tensor& light,
+                                          const at::Tensor& dirs, int64_t shading, double ambient) {
+  const CompositeInputs in = composite_inputs(offsets, t_starts, t_ends, t, density, albedo, normal, light, dirs,
+                                              shading, ambient);
+  const int64_t R = in.samples.R, N = density.numel();
+  const bool normals = in.samples.normal != nullptr;
+  auto opts = density.options();
+  at::Tensor rgb = at::empty({R, 3}, opts), opacity = at::empty({R}, opts), depth = at::empty({R}, opts);
+  at::Tensor z_variance = at::empty({R}, opts), albedo_sum = at::empty({R, 3}, opts), weights = at::empty({N}, opts);
+  at::Tensor normal_sum = at::empty({normals ? R : 0, 3}, opts), backfacing = at::empty({normals ? R : 0}, opts);
+  const sds3d_compositing::Outputs out{rgb.data_ptr<float>(), opacity.data_ptr<float>(), depth.data_ptr<float>(),
+                                       z_variance.data_ptr<float>(), albedo_sum.data_ptr<float>(),
+                                       normals ? normal_sum.data_ptr<float>() : nullptr,
+                                       normals ? backfacing.data_ptr<float>() : nullptr, weights.data_ptr<float>()};
+  sds3d_compositing::forward(in.samples, out);
+  return {rgb, opacity, depth, z_variance, albedo_sum, normal_sum, backfacing, weights};
+}
+
+// Returns (grad_density (N,), grad_albedo (N, 3), grad_normal (N, 3) or empty) from the outputs'
+// gradients (each optional) and the forward's weights, opacity and depth.
+std::vector<at::Tensor> composite_backward(
+    const at::Tensor& offsets, const at::Tensor& t_starts, const at::Tensor& t_ends, const at::Tensor& t,
+    const at::Tensor& density, const at::Tensor& albedo, const at::Tensor& normal, const at::Tensor& light,
+    const at::Tensor& dirs, int64_t shading, double ambient, const at::Tensor& weights, const at::Tensor& opacity,
+    const at::Tensor& depth, const std::optional<at::Tensor>& grad_rgb, const std::optional<at::Tensor>& grad_opacity,
+    const std::optional<at::Tensor>& grad_depth, const std::optional<at::Tensor>& grad_z_variance,
+    const std::optional<at::Tensor>& grad_albedo, const std::optional<at::Tensor>& grad_normal,
+    const std::optional<at::Tensor>& grad_backfacing, const std::optional<at::Tensor>& grad_weights) {
+  const CompositeInputs in = composite_inputs(offsets, t_starts, t_ends, t, density, albedo, normal, light, dirs,
+                                              shading, ambient);
+  const int64_t R = in.samples.R, N = density.numel();
+  const bool normals = in.samples.normal != nullptr;
+  check_rows(weights, N, 1, "weights");
+  check_rows(opacity, R, 1, "opacity");
+  check_rows(depth, R, 1, "depth");
+  std::vector<at::Tensor> keep;  // the contiguous float32 copies the pointers below point into
+  auto grad = [&](const std::optional<at::Tensor>& g, int64_t rows, int64_t cols, const char* what) -> const float* {
+    if (!g || !g->defined()) return nullptr;
+    keep.push_back(g->to(at::kFloat).contiguous());
+    check_rows(keep.back(), rows, cols, what);
+    return keep.back().data_ptr<float>();
+  };
+  const sds3d_compositing::OutputGrads g{grad(grad_rgb, R, 3, "grad_rgb"),
+                                         grad(grad_opacity, R, 1, "grad_opacity"),
+                                         grad(grad_depth, R, 1, "grad_depth"),
+                                         grad(grad_z_variance, R, 1, "grad_z_variance"),
+                                         grad(grad_albedo, R, 3, "grad_albedo"),
+                                         normals ? grad(grad_normal, R, 3, "grad_normal") : nullptr,
+                                         normals ? grad(grad_backfacing, R, 1, "grad_backfacing") : nullptr,
+                                         grad(grad_weights, N, 1, "grad_weights")};
+  auto opts = density.options();
+  at::Tensor grad_density = at::empty({N}, opts), grad_albedo_out = at::empty({N, 3}, opts);
+  at::Tensor grad_normal_out = at::empty({normals ? N : 0, 3}, opts);
+  sds3d_compositing::backward(in.samples, weights.data_ptr<float>(), opacity.data_ptr<float>(),
+                              depth.data_ptr<float>(), g, grad_density.data_ptr<float>(),
+                              grad_albedo_out.data_ptr<float>(), normals ? grad_normal_out.data_ptr<float>() : nullptr);
+  return {grad_density, grad_albedo_out, grad_normal_out};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sds3d fused CPU hash grid (forward, Jacobian, table backward), field MLP and ray sampler";
+  m.doc() = "sds3d fused CPU hash grid (forward, Jacobian, table backward), field MLP, ray sampler and compositor";
   m.def("forward", &hashgrid_forward, "features (L, F, N) and Jacobian (L, F, 3, N)", py::arg("x"), py::arg("table"),
         py::arg("scales"), py::arg("layout"), py::arg("with_jacobian"), py::call_guard<py::gil_scoped_release>());
   m.def("backward", &hashgrid_backward, "table gradient (L, T, F)", py::arg("x"), py::arg("scales"),
@@ -248,6 +381,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("occupied_samples", &occupied_samples, "stratified samples of rays kept by an occupancy grid",
         py::arg("origins"), py::arg("dirs"), py::arg("u"), py::arg("lin"), py::arg("box_radius"), py::arg("mask"),
         py::arg("grid_radius"), py::arg("cell_size"), py::call_guard<py::gil_scoped_release>());
+  m.def("ray_offsets", &ray_offsets, "ray offsets (R + 1,) of kept samples' ascending flat indices", py::arg("index"),
+        py::arg("num_samples"), py::arg("n_rays"), py::call_guard<py::gil_scoped_release>());
+  m.def("composite_forward", &composite_forward, "per-ray composites of kept samples", py::arg("offsets"),
+        py::arg("t_starts"), py::arg("t_ends"), py::arg("t"), py::arg("density"), py::arg("albedo"),
+        py::arg("normal"), py::arg("light"), py::arg("dirs"), py::arg("shading"), py::arg("ambient"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("composite_backward", &composite_backward, "the composites' gradients w.r.t. density, albedo and normals",
+        py::arg("offsets"), py::arg("t_starts"), py::arg("t_ends"), py::arg("t"), py::arg("density"),
+        py::arg("albedo"), py::arg("normal"), py::arg("light"), py::arg("dirs"), py::arg("shading"),
+        py::arg("ambient"), py::arg("weights"), py::arg("opacity"), py::arg("depth"), py::arg("grad_rgb"),
+        py::arg("grad_opacity"), py::arg("grad_depth"), py::arg("grad_z_variance"), py::arg("grad_albedo"),
+        py::arg("grad_normal"), py::arg("grad_backfacing"), py::arg("grad_weights"),
+        py::call_guard<py::gil_scoped_release>());
   m.attr("mlp_max_features") = sds3d_mlp::MAX_FEATURES;  // supports_mlp's bounds, from the kernels' header
   m.attr("mlp_max_hidden") = sds3d_mlp::MAX_HIDDEN;
   m.def("openmp_threads", &sds3d_hashgrid::openmp_threads,
