@@ -10,9 +10,9 @@
 //
 // Determinism: each point's outputs and input gradients are computed alone, so they do not depend
 // on the threads. The weight gradients are sums over all points: each block of BLOCK points (a
-// fixed partition of 0..N) sums its passes in order, with `dot`'s fixed 8-lane order inside a pass,
-// and the blocks' sums are added in block order, so the bits are the same at any number of threads
-// and any vector width.
+// fixed partition of 0..N) sums its points in 8 lanes (point i in lane i mod 8, its passes in
+// order), reduces the lanes in a fixed order, and the blocks' sums are added in block order, so
+// the bits are the same at any number of threads and on every clone.
 //
 // Plain C++ and OpenMP, no torch headers (as hashgrid_kernels.cpp).
 
@@ -31,21 +31,63 @@ constexpr int64_t BLOCK = 512;  // points per work item: a fixed partition, the 
 constexpr int64_t O = 4;        // outputs: the density logit and 3 albedo logits
 
 
-// sum_i a[i] b[i] over the P points of a pass, in 8 interleaved partial sums added in a fixed
-// order: a reduction the compiler vectorizes without -ffast-math, with the same result at any
-// vector width.
-SDS3D_INLINE float dot(const float* __restrict a, const float* __restrict b) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int64_t i = 0; i < P; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+// 8 floats as one value (GCC's vector extension: an AVX register in the AVX2 and AVX-512 clones,
+// two SSE ones in the baseline), lane-wise IEEE arithmetic, so the same bits on every clone.
+typedef float v8 __attribute__((vector_size(32)));
+constexpr int64_t LANES = 8;
+
+SDS3D_INLINE v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
 
-SDS3D_INLINE float total(const float* __restrict a) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int64_t i = 0; i < P; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+SDS3D_INLINE void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// The sum of a lane accumulator's 8 lanes, in a fixed order.
+SDS3D_INLINE float reduce8(const float* a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+// acc[k][j] += x[k] * y[j] lane-wise over a pass's P points, for TH rows x (stride P) and TD rows y
+// (stride P); acc[k][j] is the 8-lane accumulator at acc + (k * cols + j) * LANES. A register tile
+// of a GEMM (TH x TD accumulators, TH + TD loads per TH * TD products): the weight gradients are
+// (rows x P) (P x cols) products, and one dot per (row, col) would load two vectors per product.
+template <int TH, int TD>
+SDS3D_INLINE void tile(const float* __restrict x, const float* __restrict y, float* __restrict acc, int64_t cols) {
+  v8 a[TH][TD];
+  for (int k = 0; k < TH; ++k)
+    for (int j = 0; j < TD; ++j) a[k][j] = load8(acc + (k * cols + j) * LANES);
+  for (int64_t i = 0; i < P; i += LANES) {
+    v8 xv[TH], yv[TD];
+    for (int k = 0; k < TH; ++k) xv[k] = load8(x + k * P + i);
+    for (int j = 0; j < TD; ++j) yv[j] = load8(y + j * P + i);
+    for (int k = 0; k < TH; ++k)
+      for (int j = 0; j < TD; ++j) a[k][j] += xv[k] * yv[j];
+  }
+  for (int k = 0; k < TH; ++k)
+    for (int j = 0; j < TD; ++j) store8(acc + (k * cols + j) * LANES, a[k][j]);
+}
+
+// acc (rows, cols, LANES) += x (rows, P) y (cols, P)^T lane-wise, in 4 x 3 tiles and their edges.
+SDS3D_INLINE void outer_sum(const float* x, int64_t rows, const float* y, int64_t cols, float* acc) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    int64_t c = 0;
+    for (; c + 3 <= cols; c += 3) tile<4, 3>(x + r * P, y + c * P, acc + (r * cols + c) * LANES, cols);
+    for (; c < cols; ++c) tile<4, 1>(x + r * P, y + c * P, acc + (r * cols + c) * LANES, cols);
+  }
+  for (; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) tile<1, 1>(x + r * P, y + c * P, acc + (r * cols + c) * LANES, cols);
+}
+
+// acc (rows, LANES) += the rows x (rows, P) summed over their points lane-wise.
+SDS3D_INLINE void row_sum(const float* x, int64_t rows, float* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    v8 a = load8(acc + r * LANES);
+    for (int64_t i = 0; i < P; i += LANES) a += load8(x + r * P + i);
+    store8(acc + r * LANES, a);
+  }
 }
 
 struct Shape {
@@ -55,9 +97,12 @@ struct Shape {
 // One thread's pass buffers, (rows, P) each; points past the end of the data are zeros.
 struct Scratch {
   std::vector<float> f, j, act, mask, gf, dgf, dout, dgu, dpre, row;
+  // the backward's weight gradients over a block, lane-wise (LANES floats each):
+  // dpre f^T (H, D), mask dgf^T (H, D), dout act^T (O, H), dpre's sum (H), dout's sum (O)
+  std::vector<float> lanes;
   Scratch(const Shape& s)
       : f(s.D * P), j(s.D * 3 * P), act(s.H * P), mask(s.H * P), gf(s.D * P), dgf(s.D * P),
-        dout(O * P), dgu(3 * P), dpre(s.H * P), row(P) {}
+        dout(O * P), dgu(3 * P), dpre(s.H * P), row(P), lanes((2 * s.H * s.D + O * s.H + s.H + O) * LANES) {}
 };
 
 // rows (R, N) [begin, begin + m) -> dst (R, P), zero-padded.
@@ -145,7 +190,12 @@ SDS3D_CLONES void backward_block(const Shape& s, const float* feats, const float
   float* gb1 = gw1 + s.H * s.D;
   float* gw2 = gb1 + s.H;
   float* gb2 = gw2 + O * s.H;
-  std::fill(acc, acc + n_weights(s), 0.f);
+  std::fill(t.lanes.begin(), t.lanes.end(), 0.f);
+  float* lanes_pf = t.lanes.data();
+  float* lanes_m = lanes_pf + s.H * s.D * LANES;
+  float* lanes_oa = lanes_m + s.H * s.D * LANES;
+  float* lanes_b1 = lanes_oa + O * s.H * LANES;
+  float* lanes_b2 = lanes_b1 + s.H * LANES;
   for (int64_t p0 = begin; p0 < end; p0 += P) {
     const int64_t m = std::min(P, end - p0);
     load(feats, s.D, s.N, p0, m, t.f.data());
@@ -194,28 +244,31 @@ SDS3D_CLONES void backward_block(const Shape& s, const float* feats, const float
       }
       std::memcpy(grad_feats + d * s.N + p0, acc, sizeof(float) * m);
     }
-    // The weights' gradients, summed over this pass's points. Through gf = w1^T (w2[0] * mask):
-    // d/d w1[h, d] = w2[0, h] M[h, d] and d/d w2[0, h] = sum_d w1[h, d] M[h, d], with
-    // M[h, d] = sum_i mask[h, i] dgf[d, i].
-    for (int64_t h = 0; h < s.H; ++h) {
-      const float* dp = t.dpre.data() + h * P;
-      const float* mh = t.mask.data() + h * P;
-      float via_normals = 0.f;
-      for (int64_t d = 0; d < s.D; ++d) {
-        float g = dot(dp, t.f.data() + d * P);
-        if (normals) {
-          const float m_hd = dot(mh, t.dgf.data() + d * P);
-          g += w2[h] * m_hd;
-          via_normals += w1[h * s.D + d] * m_hd;
-        }
-        gw1[h * s.D + d] += g;
-      }
-      gb1[h] += total(dp);
-      for (int64_t o = 0; o < O; ++o) gw2[o * s.H + h] += dot(t.dout.data() + o * P, t.act.data() + h * P);
-      gw2[h] += via_normals;
-    }
-    for (int64_t o = 0; o < O; ++o) gb2[o] += total(t.dout.data() + o * P);
+    // The weights' gradients, summed lane-wise over the block's points (reduced below). Through
+    // gf = w1^T (w2[0] * mask): d/d w1[h, d] = w2[0, h] M[h, d] and d/d w2[0, h] = sum_d w1[h, d] M[h, d],
+    // with M[h, d] = sum_i mask[h, i] dgf[d, i].
+    outer_sum(t.dpre.data(), s.H, t.f.data(), s.D, lanes_pf);
+    if (normals) outer_sum(t.mask.data(), s.H, t.dgf.data(), s.D, lanes_m);
+    outer_sum(t.dout.data(), O, t.act.data(), s.H, lanes_oa);
+    row_sum(t.dpre.data(), s.H, lanes_b1);
+    row_sum(t.dout.data(), O, lanes_b2);
   }
+  for (int64_t h = 0; h < s.H; ++h) {
+    float via_normals = 0.f;
+    for (int64_t d = 0; d < s.D; ++d) {
+      float g = reduce8(lanes_pf + (h * s.D + d) * LANES);
+      if (normals) {
+        const float m_hd = reduce8(lanes_m + (h * s.D + d) * LANES);
+        g += w2[h] * m_hd;
+        via_normals += w1[h * s.D + d] * m_hd;
+      }
+      gw1[h * s.D + d] = g;
+    }
+    gb1[h] = reduce8(lanes_b1 + h * LANES);
+    for (int64_t o = 0; o < O; ++o) gw2[o * s.H + h] = reduce8(lanes_oa + (o * s.H + h) * LANES);
+    gw2[h] += via_normals;
+  }
+  for (int64_t o = 0; o < O; ++o) gb2[o] = reduce8(lanes_b2 + o * LANES);
 }
 
 }  // namespace
