@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from sds3d.threads import configure_openmp
+from sds3d.threads import configure_openmp, openmp_waiting
 
 configure_openmp()
 
@@ -110,7 +110,8 @@ def main(argv=None) -> int:
                                                                 "render_resolution"))
     command = "python benchmarks/generate_speed.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     cpu, _ = read_cpuinfo()
-    machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}"
+    machine = (f"{cpu}, {torch.get_num_threads()} threads ({openmp_waiting()}), torch {torch.__version__}, "
+               f"python {platform.python_version()}")
     lines = ["# Training time against quality of `sds3d generate` (cpu-fast, one lever at a time)", "",
              f"`{command.strip()}` on {machine}; {time.time() - start:.0f} s. Means over "
              f"{', '.join(repr(p) for p in args.prompts)}, seeds {args.seeds}; every run alone on the machine; runs in "

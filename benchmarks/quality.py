@@ -376,10 +376,11 @@ def machine() -> dict:
     import torch
 
     from sds3d.precision import read_cpuinfo
-    from sds3d.threads import available_cpus
+    from sds3d.threads import available_cpus, openmp_waiting
 
     return {"processor": platform.processor(), "cpu": read_cpuinfo()[0], "cores": len(available_cpus()),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+            "threads": torch.get_num_threads(), "openmp": openmp_waiting(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def batch_settings(batch_root: Path) -> dict:
@@ -412,7 +413,8 @@ def markdown(report: dict) -> str:
         lines += [f"**partial: {s['runs_done']} of {s['runs_total']} runs done** (the figures below cover the done runs)", ""]
     cpu = report["machine"]["cpu"] + (f" ({report['machine']['processor']})" if report["machine"]["processor"] else "")
     lines += [f"Command: `{report['command']}`  ",
-              f"Machine: {cpu}, {report['machine']['cores']} cores, torch {report['machine']['torch']}  ",
+              f"Machine: {cpu}, {report['machine']['cores']} cores, torch {report['machine']['torch']}"
+              + (f", OpenMP {report['machine']['openmp']}" if report["machine"].get("openmp") else "") + "  ",
               f"Runs: {report['batch_dir']}, {s['runs_done']} of {s['runs_total']} done, seeds 0..{report['seeds'] - 1}  "]
     described = {group: f"preset {info['preset']}, --set {json.dumps(info['settings'], sort_keys=True)}, "
                         f"{info['workers']} worker(s), {info['threads']} thread(s) a run"

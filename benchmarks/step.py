@@ -32,6 +32,7 @@ from sds3d.nerf.render import render_image
 from sds3d.pipelines.regularizers import orientation_loss
 from sds3d.pipelines.text_to_3d import make_field, make_optimizer, make_teacher, view_prompts
 from sds3d.precision import cpu_capability, read_cpuinfo
+from sds3d.threads import openmp_waiting
 
 
 def main():
@@ -123,7 +124,8 @@ def main():
         cpu, _ = read_cpuinfo()
         command = "python benchmarks/step.py " + shlex.join(sys.argv[1:])
         text = [f"# Seconds per SDS step (median of {args.steps} steps{' each' if compare else ''})", "",
-                f"`{command}` on {cpu} ({cpu_capability()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                f"`{command}` on {cpu} ({cpu_capability()}), {torch.get_num_threads()} threads ({openmp_waiting()}), "
+                f"torch {torch.__version__}, "
                 f"python {platform.python_version()}.", "", "```", *lines, "```", ""]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(text))

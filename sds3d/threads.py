@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import MutableMapping
+from typing import Mapping, MutableMapping
 
 # Spin iterations before an idle OpenMP thread sleeps: GOMP_SPINCOUNT's default is 300,000.
 SPIN_COUNT = "10000"
@@ -37,6 +37,14 @@ def configure_openmp(environ: MutableMapping[str, str] = os.environ) -> MutableM
     if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
         environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     return environ
+
+
+def openmp_waiting(environ: Mapping[str, str] = os.environ) -> str:
+    """How this process's OpenMP threads wait between regions, for benchmark records: the
+    OMP_WAIT_POLICY / GOMP_SPINCOUNT in `environ` (sds3d's own after `configure_openmp`). Timings
+    depend on it: OMP_WAIT_POLICY=PASSIVE wakes a sleeping thread at every region, several ms a step."""
+    found = [f"{key}={environ[key]}" for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if key in environ]
+    return " ".join(found) or "libgomp's default waiting (GOMP_SPINCOUNT 300000)"
 
 
 def available_cpus() -> list[int]:

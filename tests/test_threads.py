@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from sds3d import threads
-from sds3d.threads import ThreadGovernor, configure_openmp
+from sds3d.threads import ThreadGovernor, configure_openmp, openmp_waiting
+
+
+def test_benchmarks_record_how_openmp_waits():
+    assert openmp_waiting(configure_openmp({})) == f"GOMP_SPINCOUNT={threads.SPIN_COUNT}"
+    assert openmp_waiting({"OMP_WAIT_POLICY": "PASSIVE"}) == "OMP_WAIT_POLICY=PASSIVE"
+    assert "default" in openmp_waiting({})
 
 
 def test_configure_openmp_sets_a_short_spin_unless_the_user_chose():
