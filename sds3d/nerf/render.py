@@ -8,6 +8,8 @@ ones that run on CPU (its packed functions and estimators want CUDA). Empty spac
 nothing in the field: `occupied_samples` drops the samples in unoccupied cells before the field is
 evaluated (on the CPU with a C++ op that writes only the kept ones), the field runs on the kept
 samples only, and compositing sees each ray's kept samples in a compact (rays, widest ray) layout.
+A field on the fused CPU hash grid is composited by a C++ op instead (`hashgrid_cpp.composite`:
+the same weights, shading and per-ray sums, one pass per ray), tested against these nerfacc ops.
 
 On CUDA (a field on a GPU and nerfacc's CUDA extension usable; see `sds3d.nerf.backends`), the
 pipeline holds a `CudaOccupancy` (nerfacc's `OccGridEstimator` behind `OccupancyGrid`'s interface)
