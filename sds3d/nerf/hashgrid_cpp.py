@@ -14,7 +14,8 @@ needs no torch in a build-isolated environment.
 `field_mlp` is the field's one-hidden-layer network on those features, with its density logit's
 gradient for the normals, fused (csrc/mlp_kernels.h); `NeRFField` uses it with this grid.
 `occupied_samples` is the renderer's ray sampler with the occupancy grid's test, fused
-(csrc/sampling_kernels.h); `render_rays` uses it for a field on this grid.
+(csrc/sampling_kernels.h), and `composite` its compositing of the kept samples, with `ray_offsets`
+(csrc/compositing_kernels.h); `render_rays` uses both for a field on this grid.
 
 `encode` is the op: features (L, F, N) and optionally Jacobians (L, F, 3, N), in the planar layout
 of `sds3d.nerf.encoding.hash_grid_encode`, differentiable w.r.t. the table (through both outputs),

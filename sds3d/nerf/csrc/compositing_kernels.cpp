@@ -32,9 +32,9 @@ SDS3D_INLINE float dot3(const float* a, const float* b) { return a[0] * b[0] + a
 // The shading factor (ambient + (1 - ambient) max(0, n . l)) and whether n . l >= 0 (where torch's
 // clamp_min passes its gradient).
 SDS3D_INLINE float lambert(const float* n, const float* l, float ambient, bool* lit) {
-  const float cos = dot3(n, l);
-  *lit = cos >= 0.f;
-  return ambient + (1.f - ambient) * (cos > 0.f ? cos : 0.f);
+  const float nl = dot3(n, l);
+  *lit = nl >= 0.f;
+  return ambient + (1.f - ambient) * (nl > 0.f ? nl : 0.f);
 }
 
 // c_i of sample i (3 floats) for the ray's light l.
@@ -74,8 +74,8 @@ SDS3D_CLONES void forward_rays(const Samples& s, const Outputs& out, int64_t r0,
       if (s.normal) {
         const float* n = s.normal + 3 * i;
         for (int k = 0; k < 3; ++k) nrm[k] += w * n[k];
-        const float cos = dot3(n, d);
-        back += w * (cos > 0.f ? cos * cos : 0.f);
+        const float nd = dot3(n, d);
+        back += w * (nd > 0.f ? nd * nd : 0.f);
       }
     }
     const float m = depth / std::max(opacity, MIN_OPACITY);
@@ -157,21 +157,21 @@ SDS3D_CLONES void backward_rays(const Samples& s, const float* weights, const fl
       } else {
         bool lit;
         const float f = lambert(s.normal + 3 * i, l, s.ambient, &lit);
-        float dcos;
+        float dnl;  // d/d (n . l)
         if (s.shading == LAMBERTIAN) {
           for (int k = 0; k < 3; ++k) da[k] += dc[k] * f;
-          dcos = dot3(dc, a);
+          dnl = dot3(dc, a);
         } else {
-          dcos = dc[0] + dc[1] + dc[2];
+          dnl = dc[0] + dc[1] + dc[2];
         }
-        dcos = lit ? dcos * (1.f - s.ambient) : 0.f;
-        for (int k = 0; k < 3; ++k) dn[k] += dcos * l[k];
+        dnl = lit ? dnl * (1.f - s.ambient) : 0.f;
+        for (int k = 0; k < 3; ++k) dn[k] += dnl * l[k];
       }
       if (s.normal) {
         const float* n = s.normal + 3 * i;
         gw += dot3(g_nrm, n);
-        const float cos = dot3(n, d);
-        const float db = cos > 0.f ? g_back * w * 2.f * cos : 0.f;
+        const float nd = dot3(n, d);
+        const float db = nd > 0.f ? g_back * w * 2.f * nd : 0.f;
         for (int k = 0; k < 3; ++k) dn[k] += w * g_nrm[k] + db * d[k];
       }
       const float delta = s.t_ends[i] - s.t_starts[i];
