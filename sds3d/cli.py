@@ -613,6 +613,8 @@ def cmd_batch(args) -> int:
     print(summary_table(result.records))
     print(f"batch folder: {result.batch_dir} (index.html, manifest.jsonl)")
     if result.interrupted:
+        print("interrupted: stopped lines kept their checkpoint; finish with: sds3d batch "
+              f"{args.prompts_file} --resume" + (f" --out {args.out}" if args.out else ""), file=sys.stderr)
         return 130
     if result.failed:
         print(f"{len(result.failed)} of {len(result.records)} line(s) failed: see the table above; "

@@ -238,3 +238,32 @@ def test_ctrl_c_stops_lines_with_a_checkpoint_and_resume_finishes(tmp_path):
     resumed = sds3d("batch", str(prompts), "--out", str(batch), "--resume", timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert [r["state"] for r in read_records(batch)] == ["done", "done"]
+
+
+@pytest.mark.slow
+def test_a_line_stopped_by_its_own_signal_leaves_the_batch_unfinished(tmp_path):
+    """SIGINT to one line's process (not the driver: `kill -INT PID`, or a Ctrl-C that reaches the
+    lines before the driver) stops that line with a checkpoint; the batch exits 130 (not finished),
+    and --resume finishes it."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube | steps=400 checkpoint_every=50\n")
+    batch = tmp_path / "batch"
+    driver = subprocess.Popen([sys.executable, "-m", "sds3d", "batch", str(prompts), "--out", str(batch),
+                               "--preset", "smoke"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (batch / "manifest.jsonl").exists():
+            record = read_records(batch)[0]
+            if record["state"] == "running" and (batch / record["run_dir"] / "checkpoints" / "last.pt").exists():
+                break
+        time.sleep(0.1)
+    os.kill(int(record["worker"].split()[-1]), signal.SIGINT)
+    out, err = driver.communicate(timeout=300)
+    assert driver.returncode == 130, err
+    assert "--resume" in err
+    record = read_records(batch)[0]
+    assert record["state"] == "interrupted"
+    resumed = sds3d("batch", str(prompts), "--out", str(batch), "--resume", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_records(batch)[0]["state"] == "done"

@@ -114,7 +114,9 @@ class LocalRunner:
         self.stop_timeout_s = stop_timeout_s
 
     def run(self, jobs, update, log) -> bool:
-        """Run `jobs`; True when Ctrl-C interrupted the batch (after the running lines stopped)."""
+        """Run `jobs`; True when Ctrl-C interrupted the batch (after the running lines stopped), or
+        a line stopped on a signal of its own (a Ctrl-C that reached the lines' processes first, or a
+        `kill -INT` of one): the batch is then not finished, and `--resume` finishes it."""
         import multiprocessing
         from multiprocessing.connection import wait
 
@@ -122,6 +124,7 @@ class LocalRunner:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         pending = collections.deque(jobs)
         running = {}  # process sentinel -> [process, connection, job, result]
+        lines_stopped = []  # lines that reported "interrupted"
 
         def finish(sentinel):
             process, conn, job, result = running.pop(sentinel)
@@ -133,6 +136,8 @@ class LocalRunner:
                 result = {"state": "failed", "error": f"the run's process ended with exit code {process.exitcode} "
                                                       f"(see logs/{job.line.number:03d}.log)"}
             update(job, finished_at=time.time(), **result)
+            if result["state"] == "interrupted":
+                lines_stopped.append(job.line.number)
             log(f"line {job.line.number}: {result['state']}"
                 + (f" ({result['error']})" if result.get("error") else "")
                 + (f", {result['seconds']:.0f} s" if result.get("seconds") is not None else ""))
@@ -182,7 +187,7 @@ class LocalRunner:
                 running.pop(sentinel)
                 update(job, state="interrupted", finished_at=time.time(), error=None)
             return True
-        return False
+        return bool(lines_stopped)
 
 
 # --- Ray --------------------------------------------------------------------------------------
