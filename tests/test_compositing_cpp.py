@@ -182,3 +182,12 @@ def test_ray_offsets_need_the_samplers_order(cpp_ready):
         hashgrid_cpp.ray_offsets(torch.tensor([2, 1]), 4, 6)
     with pytest.raises(RuntimeError, match="index must ascend"):
         hashgrid_cpp.ray_offsets(torch.tensor([1, 24]), 4, 6)
+
+
+def test_composite_refuses_offsets_that_do_not_cover_the_samples(cpp_ready):
+    n = torch.zeros(4)
+    args = (n, n + 0.1, n + 0.05, n + 1.0, torch.rand(4, 3), None, None, None, "albedo", 0.5)
+    assert hashgrid_cpp.composite(torch.tensor([0, 3, 4]), *args)[1].shape == (2,)
+    for bad in ([0, 3, 2, 4], [1, 3, 4], [0, 3, 5]):
+        with pytest.raises(RuntimeError, match="composite: offsets"):
+            hashgrid_cpp.composite(torch.tensor(bad), *args)

@@ -232,8 +232,7 @@ std::vector<at::Tensor> occupied_samples(const at::Tensor& origins, const at::Te
   return {index, t_starts, t_ends, t, positions};
 }
 
-// The compositor's inputs, checked: ray offsets from the kept samples' flat indices `index` (N,)
-// (row-major in a dense (R, S) layout, ascending, as the sampler gives them).
+// The compositor's inputs, checked, as the kernels' Samples (pointing into the tensors).
 struct CompositeInputs {
   at::Tensor offsets;
   sds3d_compositing::Samples samples;
@@ -252,7 +251,10 @@ CompositeInputs composite_inputs(const at::Tensor& offsets, const at::Tensor& t_
                   offsets.size(0) >= 1 && offsets.is_contiguous(),
               "composite: offsets must be a contiguous int64 (R + 1,) on the CPU");
   const int64_t R = offsets.size(0) - 1, N = density.numel();
-  TORCH_CHECK(offsets.data_ptr<int64_t>()[R] == N, "composite: offsets must end at the number of samples");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)  // the kernels read samples offsets[r] .. offsets[r + 1] - 1 of every ray
+    TORCH_CHECK(off[r] <= off[r + 1], "composite: offsets must not decrease (ray_offsets gives them)");
+  TORCH_CHECK(off[0] == 0 && off[R] == N, "composite: offsets must run from 0 to the number of samples");
   check_rows(t_starts, N, 1, "t_starts");
   check_rows(t_ends, N, 1, "t_ends");
   check_rows(t, N, 1, "t");
