@@ -37,15 +37,16 @@ SDS3D_INLINE float lambert(const float* n, const float* l, float ambient, bool* 
   return ambient + (1.f - ambient) * (nl > 0.f ? nl : 0.f);
 }
 
-// c_i of sample i (3 floats) for the ray's light l.
-SDS3D_INLINE void shade(const Samples& s, int64_t i, const float* l, float* c) {
+// c_i of sample i (3 floats) for the ray's light l; unless the shading is ALBEDO, also its shading
+// factor f and whether n . l >= 0 (`lambert`), which the backward reuses.
+SDS3D_INLINE void shade(const Samples& s, int64_t i, const float* l, float* c, float* f_out, bool* lit) {
   const float* a = s.albedo + 3 * i;
   if (s.shading == ALBEDO) {
     c[0] = a[0], c[1] = a[1], c[2] = a[2];
     return;
   }
-  bool lit;
-  const float f = lambert(s.normal + 3 * i, l, s.ambient, &lit);
+  const float f = lambert(s.normal + 3 * i, l, s.ambient, lit);
+  *f_out = f;
   if (s.shading == LAMBERTIAN) {
     c[0] = a[0] * f, c[1] = a[1] * f, c[2] = a[2] * f;
   } else {
@@ -65,8 +66,9 @@ SDS3D_CLONES void forward_rays(const Samples& s, const Outputs& out, int64_t r0,
       const float w = std::exp(-optical) * (1.f - std::exp(-sd));
       optical += sd;
       out.weights[i] = w;
-      float c[3];
-      shade(s, i, l, c);
+      float c[3], f;
+      bool lit;
+      shade(s, i, l, c, &f, &lit);
       const float* a = s.albedo + 3 * i;
       for (int k = 0; k < 3; ++k) rgb[k] += w * c[k], alb[k] += w * a[k];
       opacity += w;
@@ -140,8 +142,9 @@ SDS3D_CLONES void backward_rays(const Samples& s, const float* weights, const fl
     for (int64_t i = end - 1; i >= begin; --i) {
       const float w = weights[i];
       const float* a = s.albedo + 3 * i;
-      float c[3];
-      shade(s, i, l, c);
+      float c[3], f = 0.f;
+      bool lit = false;
+      shade(s, i, l, c, &f, &lit);
       float gw = dot3(g_rgb, c) + g_opacity + g_depth * s.t[i] + dot3(g_alb, a);
       if (g_zvar != 0.f) {
         const float dt = s.t[i] - m;
@@ -155,8 +158,6 @@ SDS3D_CLONES void backward_rays(const Samples& s, const float* weights, const fl
       if (s.shading == ALBEDO) {
         for (int k = 0; k < 3; ++k) da[k] += dc[k];
       } else {
-        bool lit;
-        const float f = lambert(s.normal + 3 * i, l, s.ambient, &lit);
         float dnl;  // d/d (n . l)
         if (s.shading == LAMBERTIAN) {
           for (int k = 0; k < 3; ++k) da[k] += dc[k] * f;
